@@ -1,0 +1,341 @@
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse, Response
+
+from ._auth import (
+    NO_TOKEN,
+    OTHER_USER,
+    Authenticate,
+    JWTAuthenticator,
+    Principal,
+    bearer_subprotocol,
+    origin_allowed,
+)
+from ._broadcaster import Broadcaster, _text
+from ._connection import CLOSED, Connection
+from ._events import CursorSigner, iso_timestamp, protocol_message
+from ._lifespan import install_bare_route
+from ._settings import Settings
+from ._types import Message, Receive, Scope, Send
+from .backends import create_backend
+from .backends.base import Backend
+from .exceptions import AuthenticationError, ConfigurationError
+
+__all__ = ["PomoWS"]
+
+logger = logging.getLogger("starlette_pomo_ws")
+
+OnMessage = Callable[[Connection, dict[str, Any]], Awaitable[None]]
+_MAX_STRIKES = 10
+
+
+class PomoWS:
+    """The ASGI app to mount at `/ws`: authenticated WebSockets, `/health` and `/client.js`.
+
+    Args:
+        settings: the settings; `None` reads them from the environment (`Settings.from_env()`).
+        backend: a ready backend that overrides `settings.backend_url`, e.g.
+            `RedisBackend(client=redis.asyncio.Redis(...))`.
+        authenticate: replaces the JWT check: an async callable that receives the handshake's
+            `HTTPConnection` and returns a `Principal`, or raises `AuthenticationError(reason)`.
+        on_message: receives client messages of types the protocol does not handle itself.
+
+    Example:
+        ```python
+        pomo = PomoWS(Settings(jwt_secret=...))
+        app = Starlette(lifespan=pomo.lifespan)
+        app.mount("/ws", pomo)
+        ```
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        backend: Backend | None = None,
+        authenticate: Authenticate | None = None,
+        on_message: OnMessage | None = None,
+    ) -> None:
+        self.settings = Settings.from_env() if settings is None else settings
+        self._custom_backend = backend is not None
+        if backend is None:
+            backend = create_backend(self.settings)
+        self._custom_authenticate = authenticate is not None
+        self._authenticate: Authenticate | None = authenticate
+        self.on_message = on_message
+        self.broadcaster = Broadcaster(self.settings, backend)
+        self._starts = 0
+
+    def __repr__(self) -> str:
+        return f"PomoWS(settings={self.settings!r}, backend={self.broadcaster.backend!r})"
+
+    # -- lifespan -----------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """Start the broadcaster for the app's lifetime and yield `{"broadcaster": ...}` as lifespan state.
+
+        Use it as `lifespan=pomo.lifespan`, or inside your own lifespan:
+        `async with pomo.lifespan(app) as state: yield {**state, ...}`. It also routes the bare `/ws`
+        WebSocket path, which a Starlette `Mount("/ws")` does not match. Starting twice is harmless.
+
+        Raises:
+            ConfigurationError: the settings cannot serve (missing key, contradictory settings).
+        """
+        if app is not None:
+            install_bare_route(app, self)
+        await self.start()
+        try:
+            yield {"broadcaster": self.broadcaster}
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        """Check the settings and start the broadcaster (counted: only the first call starts)."""
+        self._starts += 1
+        if self._starts > 1:
+            return
+        try:
+            settings = self.settings
+            settings.check(custom_authenticate=self._custom_authenticate)
+            if self._authenticate is None:
+                self._authenticate = JWTAuthenticator(settings)
+            shared = self.broadcaster.backend.kind != "memory"
+            await self.broadcaster.start(CursorSigner(settings.derived_cursor_key(shared=shared)))
+        except BaseException:
+            self._starts -= 1
+            raise
+        logger.info("starlette-pomo-ws started (%r, node %s)", self.broadcaster.backend, self.broadcaster.node_id)
+
+    async def stop(self) -> None:
+        """Stop the broadcaster when the last `start()` is matched; close every socket with 1001."""
+        if self._starts == 0:
+            return
+        self._starts -= 1
+        if self._starts == 0:
+            await self.broadcaster.stop()
+            logger.info("starlette-pomo-ws stopped")
+
+    # -- ASGI -----------------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":  # mounted apps normally get none, but be a good ASGI citizen
+            await self._lifespan_protocol(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = _route_path(scope)
+        if path in ("/health", "/health/"):
+            status, body = self.broadcaster.health()
+            if not self.broadcaster.running:
+                body["error"] = "pomo.lifespan is not wired; see the Lifespan composition docs"
+            response: Response = JSONResponse(body, status_code=status, headers={"cache-control": "no-store"})
+        elif path == "/client.js":
+            source = resources.files("starlette_pomo_ws").joinpath("static/pomo-ws.js")
+            try:
+                content = source.read_bytes()
+            except FileNotFoundError:
+                content = b""
+            response = Response(content, media_type="text/javascript", headers={"cache-control": "no-cache"})
+        else:
+            response = JSONResponse({"detail": "Not Found"}, status_code=404)
+        await response(scope, receive, send)
+
+    async def _lifespan_protocol(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    raise
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        broadcaster = self.broadcaster
+        settings = self.settings
+        subprotocols = list(scope.get("subprotocols") or ())
+        subprotocol = "bearer" if bearer_subprotocol(subprotocols) is not None or "bearer" in subprotocols else None
+        if not broadcaster.accepting:
+            if not broadcaster.running:
+                logger.error("%s", ConfigurationError.__name__ + ": " + _not_started_hint())
+                await _refuse(send, subprotocol, 1011, "Internal error")
+            else:
+                await _refuse(send, subprotocol, 1001, "Server shutting down")
+            return
+        connection_info = HTTPConnection(scope)
+        origin = connection_info.headers.get("origin")
+        if not origin_allowed(origin, settings.allowed_origins, cookie_auth=_uses_cookie(connection_info, settings)):
+            logger.info("Refused a WebSocket from origin %r", origin)
+            await _refuse(send, subprotocol, 1008, "Origin not allowed")
+            return
+        assert self._authenticate is not None
+        try:
+            principal = await self._authenticate(connection_info)
+            if not isinstance(principal, Principal):
+                raise TypeError(f"authenticate returned {type(principal).__name__}, not a Principal")
+        except AuthenticationError as exc:
+            logger.info("Refused a WebSocket: %s", exc.reason)
+            await _refuse(send, subprotocol, 1008, exc.reason or NO_TOKEN)
+            return
+        except Exception:
+            logger.exception("The authenticate callable failed")
+            await _refuse(send, subprotocol, 1011, "Internal error")
+            return
+        connection = Connection(broadcaster, principal, send, dict(scope))
+        if not await broadcaster.admit(connection):
+            logger.info("Refused connection for user %s: too many connections", principal.user_id)
+            await _refuse(send, subprotocol, 1008, "Too many connections for this user")
+            return
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        connection.bind_reader()
+        logger.info("WebSocket connected: user %s, connection %s", connection.user_id, connection.id)
+        try:
+            try:
+                last_event_id = connection_info.query_params.get("last_event_id")
+                await broadcaster.establish(connection, last_event_id)
+            except Exception:
+                logger.exception("Could not establish connection %s", connection.id)
+                connection.abort(1011, "Internal error")
+            await self._read(connection, receive)
+        finally:
+            connection.release()
+            logger.info("WebSocket disconnected: user %s, connection %s", connection.user_id, connection.id)
+
+    async def _read(self, connection: Connection, receive: Receive) -> None:
+        max_size = self.settings.max_message_size
+        while True:
+            try:
+                message = await receive()
+            except BaseException as exc:
+                if isinstance(exc, Exception) or connection.reader_cancelled():
+                    return
+                raise
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return
+            if kind != "websocket.receive" or connection.mode == CLOSED:
+                continue
+            text = message.get("text")
+            if text is None:
+                if len(message.get("bytes") or b"") > max_size:
+                    connection.abort(1009, "Message too big")
+                else:
+                    _error(connection, "binary_not_supported", "Binary frames are not supported; send JSON text.")
+                continue
+            if len(text) > max_size // 4 and len(text.encode()) > max_size:
+                connection.abort(1009, "Message too big")
+                continue
+            if not connection.take_token(time.monotonic()):
+                if connection.strikes >= _MAX_STRIKES:
+                    connection.abort(1008, "Too many messages")
+                else:
+                    _error(connection, "rate_limited", "Too many messages; slow down.")
+                continue
+            await self._handle(connection, text)
+
+    async def _handle(self, connection: Connection, text: str) -> None:
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            _error(connection, "invalid_json", "Messages must be JSON.")
+            return
+        if not isinstance(payload, dict):
+            _error(connection, "not_an_object", "Messages must be JSON objects with a string 'type'.")
+            return
+        type_ = payload.get("type")
+        if not isinstance(type_, str) or not type_:
+            _error(connection, "missing_type", "Messages must have a string 'type'.")
+            return
+        if type_ == "PING":
+            connection.push(_text(protocol_message("PONG", connection.user_id, None)))
+        elif type_ == "REFRESH_TOKEN":
+            await self._refresh(connection, payload.get("data"))
+        elif self.on_message is not None:
+            try:
+                await self.on_message(connection, payload)
+            except Exception:
+                logger.exception("on_message failed for connection %s (user %s)", connection.id, connection.user_id)
+                _error(connection, "handler_error", "The server could not handle this message.")
+        else:
+            _error(connection, "unknown_type", f"Unknown message type {type_[:64]!r}.")
+
+    async def _refresh(self, connection: Connection, data: Any) -> None:
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            _error(connection, "invalid_token", "REFRESH_TOKEN needs data.token.")
+            return
+        assert self._authenticate is not None
+        # Re-run the same authentication as a handshake, with the new token as the only credential.
+        scope = dict(connection.scope)
+        scope["headers"] = [(b"authorization", b"Bearer " + token.encode("latin-1", "replace"))] + [
+            (k, v) for k, v in scope.get("headers", []) if k not in (b"authorization", b"cookie")
+        ]
+        scope["query_string"] = b""
+        scope["subprotocols"] = []
+        try:
+            principal = await self._authenticate(HTTPConnection(scope))
+        except AuthenticationError as exc:
+            _error(connection, "invalid_token", exc.reason)
+            return
+        except Exception:
+            logger.exception("The authenticate callable failed during a token refresh")
+            _error(connection, "invalid_token", "Invalid authentication token")
+            return
+        if principal.user_id != connection.user_id:
+            logger.warning("Connection %s (user %s) sent a token for another user", connection.id, connection.user_id)
+            connection.abort(1008, OTHER_USER)
+            return
+        connection.principal = principal
+        connection.expires_at = principal.expires_at
+        connection.expiry_token = -1
+        self.broadcaster.schedule_expiry(connection)
+        expires = iso_timestamp(principal.expires_at) if principal.expires_at is not None else None
+        connection.push(_text(protocol_message("TOKEN_REFRESHED", connection.user_id, {"expiresAt": expires})))
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    return path or "/"
+
+
+def _uses_cookie(connection: HTTPConnection, settings: Settings) -> bool:
+    return settings.token_cookie is not None and settings.token_cookie in connection.cookies
+
+
+def _error(connection: Connection, code: str, message: str) -> None:
+    connection.push(_text(protocol_message("ERROR", connection.user_id, {"code": code, "message": message})))
+
+
+def _not_started_hint() -> str:
+    from ._broadcaster import _NOT_STARTED
+
+    return _NOT_STARTED
+
+
+async def _refuse(send: Send, subprotocol: str | None, code: int, reason: str) -> None:
+    # Accept, then close: under uvicorn a close before accept becomes HTTP 403 and the reason is lost.
+    accept: Message = {"type": "websocket.accept", "subprotocol": subprotocol}
+    await send(accept)
+    await send({"type": "websocket.close", "code": code, "reason": reason})

@@ -1,0 +1,432 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._connection import _DONE, CLOSED, QUEUED, RESUMING, Connection
+from ._events import CursorSigner, Event, EventType, Position, dumps, envelope_head, iso_timestamp, protocol_message, with_id
+from ._registry import Registry
+from .backends.base import Backend, Record
+from .exceptions import NotStartedError
+
+if TYPE_CHECKING:
+    from ._settings import Settings
+
+__all__ = ["Broadcaster"]
+
+logger = logging.getLogger("starlette_pomo_ws")
+
+_NOT_STARTED = (
+    "The starlette-pomo-ws broadcaster is not running: pomo.lifespan was never started. Mounted apps get no "
+    "lifespan events, so wire it on the outer app: `app = Starlette(lifespan=pomo.lifespan)` or "
+    "`FastAPI(lifespan=pomo.lifespan)`, or compose it into your own lifespan with `async with pomo.lifespan(app) "
+    "as state: yield {**state, ...}`. With Litestar use `plugins=[PomoWSPlugin(pomo)]`."
+)
+_WARN, _EXPIRE = 0, 1
+
+
+class Broadcaster:
+    """Publishes events to users' connections, on this node and (through the backend) on every other.
+
+    Get it as `request.state.broadcaster`, `Depends(get_broadcaster)`, or `pomo.broadcaster`.
+    """
+
+    def __init__(self, settings: Settings, backend: Backend, signer: CursorSigner | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.node_id = secrets.token_hex(4)
+        self.registry = Registry()
+        self._signer = signer
+        self._running = False
+        self._accepting = False
+        self._queued: dict[Connection, None] = {}
+        self._closers: set[asyncio.Task[None]] = set()
+        self._expiries: list[tuple[float, int, int, Connection]] = []
+        self._expiry_ids = itertools.count()
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._subscriptions: dict[str, asyncio.Future[None]] = {}
+        self._unsubscribing: dict[str, asyncio.Task[None]] = {}
+        self._last_all = 0.0
+        self._user_activity: dict[str, float] = {}
+        self._last_id: tuple[int, str] = (0, "")
+
+    def __repr__(self) -> str:
+        return f"Broadcaster(backend={self.backend!r}, connections={self.registry.total})"
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def accepting(self) -> bool:
+        """Whether this node accepts new connections (False before start and while shutting down)."""
+        return self._accepting
+
+    async def start(self, signer: CursorSigner) -> None:
+        self._signer = signer
+        await self.backend.start(self._on_record, self._on_control)
+        self._running = True
+        self._accepting = True
+        self._ticker = asyncio.ensure_future(self._tick_forever())
+
+    async def stop(self) -> None:
+        """Close every connection with 1001, then stop the backend. Waits a bounded time."""
+        self._accepting = False
+        for connection in self.registry.everyone():
+            connection.abort(1001, "Server shutting down")
+        if self._closers:
+            await asyncio.wait(set(self._closers), timeout=self.settings.send_timeout + 1)
+        for task in (self._ticker, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._ticker, *self._tasks):
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+        self._ticker = None
+        self._running = False
+        await self.backend.stop()
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise NotStartedError(_NOT_STARTED)
+
+    # -- publishing -----------------------------------------------------------------------------------
+
+    async def broadcast_to_user(self, user_id: str, type: str, data: Any = None) -> Event:
+        """Send an event to every connection of one user, on every node.
+
+        Returns once the event is stored in the backend (and so in the history used for resume);
+        delivery to sockets never waits on a slow client.
+
+        Args:
+            user_id: the target user. A non-string id is converted with `str()`.
+            type: the event type, e.g. `"TASK_CREATED"` (any string).
+            data: JSON-serialisable payload; dataclasses, datetimes and pydantic models are converted.
+
+        Raises:
+            TypeError: `data` cannot be encoded as JSON.
+            BackendUnavailable: the backend cannot be reached; the event was not published.
+            NotStartedError: `pomo.lifespan` was never started.
+        """
+        return await self._publish(str(user_id), type, data)
+
+    async def broadcast_to_all(self, type: str, data: Any = None) -> Event:
+        """Send an event to every connection of every user, on every node (`userId` is `null`).
+
+        Raises:
+            TypeError: `data` cannot be encoded as JSON.
+            BackendUnavailable: the backend cannot be reached; the event was not published.
+            NotStartedError: `pomo.lifespan` was never started.
+        """
+        return await self._publish(None, type, data)
+
+    async def _publish(self, user_id: str | None, type: str, data: Any) -> Event:
+        self._check_running()
+        type = str(type.value if isinstance(type, EventType) else type)
+        timestamp = iso_timestamp()
+        head = envelope_head(type, user_id, dumps(data), timestamp)
+        record = await self.backend.publish(user_id, head)
+        seq, event_id = self._last_id
+        if seq != record.seq:
+            event_id = self._sign(record.epoch, record.seq, user_id)
+        return Event(type, user_id, data, timestamp, event_id)
+
+    def _sign(self, epoch: str, seq: int, user_id: str | None) -> str:
+        assert self._signer is not None
+        return self._signer.sign(epoch, seq, user_id)
+
+    def _on_record(self, record: Record) -> None:
+        """Fan one event out to this node's sockets. Called by the backend, in seq order, never awaiting."""
+        seq = record.seq
+        user_id = record.user_id
+        event_id = self._sign(record.epoch, seq, user_id)
+        self._last_id = (seq, event_id)
+        message = {"type": "websocket.send", "text": with_id(record.head, event_id)}
+        if user_id is None:
+            self._last_all = time.monotonic()
+            connections = self.registry.everyone()
+        else:
+            connections = self.registry.of_user(user_id)
+            if not connections:
+                return
+            self._user_activity[user_id] = time.monotonic()
+        for connection in connections:
+            # The hot path: one call and one step of the server's send coroutine per socket. A socket
+            # that keeps up finishes the step at once; one that the server paused hands its send to a
+            # writer task (Connection.stalled) and never holds up the rest.
+            if connection.mode:
+                connection.deliver(message, seq)
+                continue
+            try:
+                awaitable = connection._send(message).__await__()
+                yielded = next(awaitable, _DONE)
+            except Exception as exc:
+                connection.failed(exc)
+                continue
+            if yielded is not _DONE:
+                connection.stalled(awaitable, yielded)
+
+    # -- control --------------------------------------------------------------------------------------
+
+    async def disconnect_user(self, user_id: str, reason: str = "Disconnected by the server") -> None:
+        """Close every connection of `user_id`, on every node, with code 1000 (logout, revoked access).
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._check_running()
+        reason = _fit_reason(reason)
+        await self.backend.send_control("disconnect_user", f"{user_id}\n{reason}")
+
+    def _on_control(self, kind: str, argument: str) -> None:
+        if kind == "disconnect_user":
+            user_id, _, reason = argument.partition("\n")
+            for connection in self.registry.of_user(user_id):
+                connection.abort(1000, reason or "Disconnected by the server")
+        elif kind == "resync":
+            # The backend lost events it cannot recover (a new epoch): every socket must resume, and will
+            # then get RESYNC_REQUIRED. 1012 is "service restart": clients reconnect and resume.
+            for connection in self.registry.everyone():
+                connection.abort(1012, "Service restart")
+
+    # -- counts ---------------------------------------------------------------------------------------
+
+    def user_connection_count(self, user_id: str) -> int:
+        """Connections of `user_id` in this process."""
+        return self.registry.user_count(str(user_id))
+
+    def total_connection_count(self) -> int:
+        """Connections in this process."""
+        return self.registry.total
+
+    async def cluster_user_connection_count(self, user_id: str) -> int:
+        """Connections of `user_id` on every node (equal to the local count on the memory backend)."""
+        self._check_running()
+        if self.backend.kind == "memory":
+            return self.user_connection_count(user_id)
+        return await self.backend.cluster_user_count(str(user_id))
+
+    async def cluster_total_connection_count(self) -> int:
+        """Connections on every node (equal to the local count on the memory backend)."""
+        self._check_running()
+        if self.backend.kind == "memory":
+            return self.total_connection_count()
+        return await self.backend.cluster_total_count()
+
+    # -- connections (used by the ASGI app) -----------------------------------------------------------
+
+    async def admit(self, connection: Connection) -> bool:
+        """Count a new connection against `max_connections_per_user` (cluster-wide where the backend shares)."""
+        if self.backend.kind == "memory":
+            return self.registry.user_count(connection.user_id) < self.settings.max_connections_per_user
+        count = await self.backend.add_presence(self.node_id, connection.user_id, connection.id)
+        if count > self.settings.max_connections_per_user:
+            await self.backend.remove_presence(self.node_id, connection.user_id, connection.id)
+            return False
+        return True
+
+    async def establish(self, connection: Connection, last_event_id: str | None) -> None:
+        """Register a connection, then queue CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events."""
+        user_id = connection.user_id
+        if self.registry.add(connection):
+            self._unsubscribing.pop(user_id, None)
+        subscription = self._subscriptions.get(user_id)
+        if subscription is None:
+            subscription = self._subscriptions[user_id] = asyncio.ensure_future(self.backend.subscribe(user_id))
+        try:
+            await asyncio.shield(subscription)
+        except BaseException:
+            if self._subscriptions.get(user_id) is subscription and subscription.done():
+                del self._subscriptions[user_id]
+            raise
+        if connection.mode == CLOSED:
+            return
+        resync_reason: str | None = None
+        replay: list[Record] = []
+        if last_event_id:
+            assert self._signer is not None
+            cursor = self._signer.verify(last_event_id, user_id)
+            if cursor is None:
+                resync_reason = "unknown_cursor"
+                position = await self.backend.position()
+            else:
+                history = await self.backend.history(user_id, cursor)
+                position = history.position
+                if history.complete:
+                    replay = list(history.records)
+                    position = cursor
+                else:
+                    resync_reason = "history_unavailable" if cursor.epoch == position.epoch else "new_epoch"
+        else:
+            position = await self.backend.position()
+        if connection.mode == CLOSED:
+            return
+        established = {
+            "message": "WebSocket connection established",
+            "connectionId": connection.id,
+            "resumed": bool(last_event_id) and resync_reason is None,
+            "heartbeatInterval": self.settings.heartbeat_interval,
+        }
+        messages = [_text(protocol_message(EventType.CONNECTION_ESTABLISHED, user_id, established, self._position_id(position, user_id)))]
+        skip_upto = position.seq
+        if resync_reason is not None:
+            messages.append(
+                _text(
+                    protocol_message(
+                        EventType.RESYNC_REQUIRED,
+                        user_id,
+                        {"reason": resync_reason},
+                        self._position_id(position, user_id),
+                    )
+                )
+            )
+        for record in replay:
+            messages.append(_text(with_id(record.head, self._sign(record.epoch, record.seq, record.user_id))))
+            skip_upto = record.seq
+        if connection.expires_at is not None:
+            self.schedule_expiry(connection)
+        connection.start_queue(messages, skip_upto)
+
+    def _position_id(self, position: Position, user_id: str) -> str:
+        return self._sign(position.epoch, position.seq, user_id)
+
+    def _release(self, connection: Connection) -> None:
+        """Forget a closed connection (called once, synchronously, by Connection.release)."""
+        self._queued.pop(connection, None)
+        user_id = connection.user_id
+        if self.registry.remove(connection):
+            self._user_activity.pop(user_id, None)
+            subscription = self._subscriptions.pop(user_id, None)
+            if subscription is not None and self._running:
+                self._spawn(self._unsubscribe(user_id, subscription))
+        if self.backend.kind != "memory" and self._running:
+            self._spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))
+
+    async def _unsubscribe(self, user_id: str, subscription: asyncio.Future[None]) -> None:
+        with contextlib.suppress(Exception):
+            await subscription
+        if user_id not in self._subscriptions:
+            await self.backend.unsubscribe(user_id)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("Background backend call failed: %r", task.exception())
+
+    # -- timers: one shared ticker for heartbeats, token expiry and send timeouts ---------------------
+
+    def schedule_expiry(self, connection: Connection) -> None:
+        expires_at = connection.expires_at
+        if expires_at is None:
+            return
+        settings = self.settings
+        # Convert the token's wall-clock exp to the monotonic clock once.
+        deadline = time.monotonic() + (expires_at - time.time())
+        warn_at = deadline - settings.token_expiry_warning
+        token = next(self._expiry_ids)
+        if settings.token_expiry_warning > 0:
+            heapq.heappush(self._expiries, (warn_at, token, _WARN, connection))
+        heapq.heappush(self._expiries, (deadline + settings.jwt_leeway, token, _EXPIRE, connection))
+        connection.expiry_token = token
+
+    def _tick_interval(self) -> float:
+        settings = self.settings
+        candidates = [1.0, settings.send_timeout / 4]
+        if settings.heartbeat_interval > 0:
+            candidates.append(settings.heartbeat_interval / 4)
+        if settings.token_expiry_warning > 0:
+            candidates.append(settings.token_expiry_warning / 4)
+        return max(0.02, min(candidates))
+
+    async def _tick_forever(self) -> None:
+        interval = self._tick_interval()
+        next_heartbeat_scan = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            try:
+                self._check_send_timeouts(now)
+                self._check_expiries(now)
+                if self.settings.heartbeat_interval > 0 and now >= next_heartbeat_scan:
+                    self._send_heartbeats(now)
+                    next_heartbeat_scan = now + min(self.settings.heartbeat_interval / 4, 5.0)
+            except Exception:  # pragma: no cover - a bug; keep the timers alive
+                logger.exception("starlette-pomo-ws ticker failed")
+
+    def _check_send_timeouts(self, now: float) -> None:
+        limit = self.settings.send_timeout
+        for connection in tuple(self._queued):
+            if connection.mode == QUEUED and now - connection.blocked_since > limit:
+                connection.abort(1013, "Client too slow")
+
+    def _check_expiries(self, now: float) -> None:
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, token, kind, connection = heapq.heappop(heap)
+            if connection.mode == CLOSED or connection.expiry_token != token:
+                continue
+            if kind == _WARN:
+                expires_at = connection.expires_at or time.time()
+                connection.push(
+                    _text(
+                        protocol_message(
+                            EventType.TOKEN_EXPIRING,
+                            connection.user_id,
+                            {"expiresAt": iso_timestamp(expires_at), "expiresIn": max(0, round(expires_at - time.time(), 3))},
+                        )
+                    )
+                )
+            else:
+                connection.abort(1008, "Authentication token expired")
+
+    def _send_heartbeats(self, now: float) -> None:
+        interval = self.settings.heartbeat_interval
+        if now - self._last_all < interval:
+            return
+        activity = self._user_activity
+        for connection in self.registry.everyone():
+            if connection.mode == RESUMING or connection.mode == CLOSED:
+                continue
+            last = max(connection.last_sent, activity.get(connection.user_id, 0.0))
+            if now - last >= interval:
+                connection.push(_text(protocol_message(EventType.HEARTBEAT, connection.user_id, None)))
+
+    # -- health -----------------------------------------------------------------------------------------
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        backend_ok = self._running and self.backend.connected
+        body = {
+            "status": "ok" if backend_ok else "degraded",
+            "backend": {"kind": self.backend.kind, "connected": backend_ok},
+            "connections": self.registry.total,
+            "users": self.registry.users,
+        }
+        return (200 if self._accepting else 503), body
+
+
+def _text(text: str) -> dict[str, Any]:
+    return {"type": "websocket.send", "text": text}
+
+
+def _fit_reason(reason: str) -> str:
+    """A close reason may hold at most 123 bytes of UTF-8."""
+    encoded = reason.encode()
+    if len(encoded) <= 123:
+        return reason
+    return encoded[:123].decode(errors="ignore")
+

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import enum
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+__all__ = ["Event", "EventType", "Position"]
+
+
+class EventType(str, enum.Enum):
+    """The original guide's event types, and the protocol's own. `broadcast_*` accepts any string."""
+
+    # The guide's types.
+    CONNECTION_ESTABLISHED = "CONNECTION_ESTABLISHED"
+    TASK_CREATED = "TASK_CREATED"
+    TASK_UPDATED = "TASK_UPDATED"
+    TASK_DELETED = "TASK_DELETED"
+    TASK_STATUS_CHANGED = "TASK_STATUS_CHANGED"
+    SESSION_START = "SESSION_START"
+    SESSION_END = "SESSION_END"
+    NOTIFICATION = "NOTIFICATION"
+    SETTINGS_UPDATED = "SETTINGS_UPDATED"
+    # The protocol's types.
+    PING = "PING"
+    PONG = "PONG"
+    HEARTBEAT = "HEARTBEAT"
+    ERROR = "ERROR"
+    RESYNC_REQUIRED = "RESYNC_REQUIRED"
+    TOKEN_EXPIRING = "TOKEN_EXPIRING"
+    REFRESH_TOKEN = "REFRESH_TOKEN"
+    TOKEN_REFRESHED = "TOKEN_REFRESHED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One fanned-out event, as `broadcast_*` returns it.
+
+    Attributes:
+        type: the event type, e.g. `"TASK_CREATED"`.
+        user_id: the target user, or `None` for `broadcast_to_all`.
+        data: the payload as given by the caller.
+        timestamp: when it was published, in the wire format (`2025-01-06T12:00:00.000Z`).
+        id: the opaque resume cursor that clients see as `id`.
+    """
+
+    type: str
+    user_id: str | None
+    data: Any
+    timestamp: str
+    id: str
+
+
+class Position(NamedTuple):
+    """A place in the one total order of events: an epoch and a sequence number."""
+
+    epoch: str
+    seq: int
+
+
+def iso_timestamp(now: float | None = None) -> str:
+    """UTC with milliseconds and a `Z`, as JavaScript's `toISOString()` writes it."""
+    seconds = time.time() if now is None else now
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+            return value.isoformat(timespec="milliseconds") + "Z"
+        return value.isoformat(timespec="milliseconds")
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set | frozenset):
+        return list(value)
+    dump = getattr(value, "model_dump", None)  # pydantic v2
+    if callable(dump):
+        return dump(mode="json")
+    legacy = getattr(value, "dict", None)  # pydantic v1
+    if callable(legacy) and hasattr(value, "__fields__"):
+        return legacy()
+    raise TypeError(
+        f"Object of type {type(value).__name__} is not JSON serializable; pass dicts, lists, strings, numbers, "
+        "dataclasses, datetimes or pydantic models."
+    )
+
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_default, allow_nan=False)
+
+
+def dumps(value: Any) -> str:
+    """Encode to compact JSON; raises `TypeError` for what cannot be encoded."""
+    try:
+        return _encoder.encode(value)
+    except ValueError as exc:  # NaN or Infinity, or a circular reference
+        raise TypeError(f"Event data is not valid JSON: {exc}") from exc
+
+
+def envelope_head(type_: str, user_id: str | None, data_json: str, timestamp: str) -> str:
+    """The envelope without its closing brace, so that a node can append the `id` once per event."""
+    return (
+        f'{{"type":{_encoder.encode(type_)},"userId":{_encoder.encode(user_id)},'
+        f'"data":{data_json},"timestamp":"{timestamp}"'
+    )
+
+
+def with_id(head: str, event_id: str) -> str:
+    return f'{head},"id":"{event_id}"}}'
+
+
+def protocol_message(type_: str, user_id: str | None, data: Any = None, event_id: str | None = None) -> str:
+    head = envelope_head(type_, user_id, dumps(data), iso_timestamp())
+    return with_id(head, event_id) if event_id is not None else head + "}"
+
+
+class CursorSigner:
+    """Signs and checks the opaque `id` cursors: `<epoch>.<seq hex>.<signature>`.
+
+    A user event's cursor is bound to its user; a broadcast event's cursor is valid for everyone.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _sig(self, epoch: str, seq: int, user_id: str) -> str:
+        mac = hmac.new(self._key, f"{epoch}:{seq}:{user_id}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:15]).decode()
+
+    def sign(self, epoch: str, seq: int, user_id: str | None) -> str:
+        return f"{epoch}.{seq:x}.{self._sig(epoch, seq, user_id or '')}"
+
+    def verify(self, cursor: str, user_id: str) -> Position | None:
+        """Return the position a cursor stands for, or `None` if it is malformed, forged or another user's."""
+        if len(cursor) > 200:
+            return None
+        parts = cursor.split(".")
+        if len(parts) != 3:
+            return None
+        epoch, seq_hex, sig = parts
+        if not epoch or not seq_hex or len(seq_hex) > 16 or not all(c in "0123456789abcdef" for c in seq_hex):
+            return None
+        seq = int(seq_hex, 16)
+        for who in (user_id, ""):
+            if hmac.compare_digest(sig.encode(), self._sig(epoch, seq, who).encode()):
+                return Position(epoch, seq)
+        return None
+
+

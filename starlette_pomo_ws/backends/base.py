@@ -1,0 +1,103 @@
+"""The contract every backend keeps. Payloads are strings encoded once upstream."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from .._events import Position
+
+__all__ = ["Backend", "Deliver", "History", "Record"]
+
+
+class Record(NamedTuple):
+    """One stored event: its place in the total order, its stream (a user id, or `None` for everyone),
+    and the envelope without its closing brace (see `_events.envelope_head`)."""
+
+    epoch: str
+    seq: int
+    user_id: str | None
+    head: str
+
+
+class History(NamedTuple):
+    """The answer to a resume: the events after a position, or `complete=False` when some may be missing."""
+
+    complete: bool
+    records: Sequence[Record]
+    position: Position
+
+
+# Called by the backend, in seq order, for every live event of a subscribed stream (and every
+# broadcast). It must not block: it only hands the event to the sockets.
+Deliver = Callable[[Record], None]
+# Called by the backend for control messages that reach every node (e.g. disconnect_user).
+Control = Callable[[str, str], None]
+
+
+class Backend(abc.ABC):
+    """Stores events for resume and carries them to every node that has a subscriber."""
+
+    kind: str = "abstract"
+
+    @abc.abstractmethod
+    async def start(self, deliver: Deliver, control: Control) -> None:
+        """Connect, and from now on call `deliver` for every live event of a subscribed stream."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Disconnect and release every resource. Safe to call twice."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Whether the backend can publish right now (for `/ws/health`)."""
+
+    @abc.abstractmethod
+    async def publish(self, user_id: str | None, head: str) -> Record:
+        """Append the event to its stream and fan it out; return once it is durable.
+
+        Raises:
+            BackendUnavailable: the event was not stored.
+        """
+
+    @abc.abstractmethod
+    async def subscribe(self, user_id: str) -> None:
+        """Start receiving `user_id`'s live events on this node (called for its first local connection)."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, user_id: str) -> None:
+        """Stop receiving `user_id`'s events (called when its last local connection closes)."""
+
+    @abc.abstractmethod
+    async def position(self) -> Position:
+        """The current position of the total order: the last seq given out, in the current epoch."""
+
+    @abc.abstractmethod
+    async def history(self, user_id: str, since: Position) -> History:
+        """The events of `user_id`'s stream and the broadcast stream after `since`, merged in seq order.
+
+        `complete` is False when any event after `since` may be missing (other epoch, trimmed by
+        `history_size` or `history_ttl`); the caller then sends `RESYNC_REQUIRED`.
+        """
+
+    @abc.abstractmethod
+    async def send_control(self, kind: str, argument: str) -> None:
+        """Send a control message (such as `disconnect_user`) to every node, this one included."""
+
+    @abc.abstractmethod
+    async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
+        """Record a connection in the cluster-wide view; return the user's connections across the cluster."""
+
+    @abc.abstractmethod
+    async def remove_presence(self, node_id: str, user_id: str, connection_id: str) -> None:
+        """Forget a connection in the cluster-wide view."""
+
+    @abc.abstractmethod
+    async def cluster_user_count(self, user_id: str) -> int:
+        """Connections of `user_id` across the cluster."""
+
+    @abc.abstractmethod
+    async def cluster_total_count(self) -> int:
+        """Connections across the cluster."""

@@ -1,0 +1,172 @@
+"""The embedded default: one process, no setup. History lives in the process."""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import time
+from collections import OrderedDict
+
+from .._events import Position
+from ..exceptions import BackendUnavailable
+from .base import Backend, Control, Deliver, History, Record
+
+__all__ = ["MemoryBackend"]
+
+# How many fully expired user streams we remember, so that their cursors still get RESYNC_REQUIRED.
+_TOMBSTONES = 100_000
+
+
+class _Stream:
+    __slots__ = ("evicted_upto", "records", "times")
+
+    def __init__(self) -> None:
+        self.records: collections.deque[Record] = collections.deque()
+        self.times: collections.deque[float] = collections.deque()
+        self.evicted_upto = 0  # highest seq that left this stream; a cursor below it has a gap
+
+
+class MemoryBackend(Backend):
+    """Keeps `history_size` events per stream for `history_ttl` seconds, in this process.
+
+    Publishing delivers synchronously, in the same step that appends to the history, so a resume in
+    this process needs no de-duplication. After a restart a new epoch begins and every old cursor
+    gets `RESYNC_REQUIRED`.
+    """
+
+    kind = "memory"
+
+    def __init__(self, *, history_size: int = 1000, history_ttl: float = 120) -> None:
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self._epoch = ""
+        self._seq = 0
+        self._streams: dict[str | None, _Stream] = {}
+        # Every stored event in seq order, for time-based expiry: (time, stream key).
+        self._by_time: collections.deque[tuple[float, str | None]] = collections.deque()
+        self._tombstones: OrderedDict[str, int] = OrderedDict()
+        self._forgotten_upto = 0
+        self._deliver: Deliver | None = None
+        self._control: Control | None = None
+        self._presence: dict[str, set[str]] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend(history_size={self.history_size}, history_ttl={self.history_ttl})"
+
+    async def start(self, deliver: Deliver, control: Control) -> None:
+        self._deliver = deliver
+        self._control = control
+        if not self._epoch:
+            self._epoch = secrets.token_hex(4)
+
+    async def stop(self) -> None:
+        self._deliver = None
+        self._control = None
+
+    @property
+    def connected(self) -> bool:
+        return self._deliver is not None
+
+    async def publish(self, user_id: str | None, head: str) -> Record:
+        deliver = self._deliver
+        if deliver is None:
+            raise BackendUnavailable("The memory backend is stopped; the event was not published.")
+        self._seq += 1
+        record = Record(self._epoch, self._seq, user_id, head)
+        now = time.monotonic()
+        self._expire(now)
+        stream = self._streams.get(user_id)
+        if stream is None:
+            stream = self._streams[user_id] = _Stream()
+            if user_id is not None:
+                stream.evicted_upto = self._tombstones.pop(user_id, 0)
+        stream.records.append(record)
+        stream.times.append(now)
+        self._by_time.append((now, user_id))
+        if len(stream.records) > self.history_size:
+            stream.evicted_upto = stream.records.popleft().seq
+            stream.times.popleft()
+        deliver(record)
+        return record
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.history_ttl
+        by_time = self._by_time
+        while by_time and by_time[0][0] < horizon:
+            _, key = by_time.popleft()
+            stream = self._streams.get(key)
+            # The stream may have been trimmed by size already; drop its entries older than the horizon.
+            while stream is not None and stream.times and stream.times[0] < horizon:
+                stream.times.popleft()
+                stream.evicted_upto = stream.records.popleft().seq
+            if stream is not None and not stream.records and key is not None:
+                del self._streams[key]
+                self._tombstones[key] = stream.evicted_upto
+                if len(self._tombstones) > _TOMBSTONES:
+                    _, upto = self._tombstones.popitem(last=False)
+                    self._forgotten_upto = max(self._forgotten_upto, upto)
+
+    async def subscribe(self, user_id: str) -> None:
+        return None  # every event of this process is delivered to this process
+
+    async def unsubscribe(self, user_id: str) -> None:
+        return None
+
+    async def position(self) -> Position:
+        return Position(self._epoch, self._seq)
+
+    async def history(self, user_id: str, since: Position) -> History:
+        self._expire(time.monotonic())
+        current = Position(self._epoch, self._seq)
+        if since.epoch != self._epoch or since.seq > self._seq:
+            return History(False, (), current)
+        user_stream = self._streams.get(user_id)
+        if user_stream is not None:
+            user_floor = user_stream.evicted_upto
+        else:
+            user_floor = self._tombstones.get(user_id, self._forgotten_upto)
+        everyone = self._streams.get(None)
+        everyone_floor = everyone.evicted_upto if everyone is not None else 0
+        if since.seq < user_floor or since.seq < everyone_floor:
+            return History(False, (), current)
+        mine = _after(user_stream, since.seq)
+        theirs = _after(everyone, since.seq)
+        if mine and theirs:
+            records = sorted(mine + theirs, key=lambda r: r.seq)
+        else:
+            records = mine or theirs
+        return History(True, records, current)
+
+    async def send_control(self, kind: str, argument: str) -> None:
+        if self._control is None:
+            raise BackendUnavailable("The memory backend is stopped.")
+        self._control(kind, argument)
+
+    async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
+        members = self._presence.setdefault(user_id, set())
+        members.add(connection_id)
+        return len(members)
+
+    async def remove_presence(self, node_id: str, user_id: str, connection_id: str) -> None:
+        members = self._presence.get(user_id)
+        if members is not None:
+            members.discard(connection_id)
+            if not members:
+                del self._presence[user_id]
+
+    async def cluster_user_count(self, user_id: str) -> int:
+        return len(self._presence.get(user_id, ()))
+
+    async def cluster_total_count(self) -> int:
+        return sum(len(m) for m in self._presence.values())
+
+
+def _after(stream: _Stream | None, seq: int) -> list[Record]:
+    if stream is None or not stream.records or stream.records[-1].seq <= seq:
+        return []
+    records = stream.records
+    # Records are in seq order: walk back from the newest, the common case being a short gap.
+    index = len(records)
+    while index > 0 and records[index - 1].seq > seq:
+        index -= 1
+    return list(collections.deque(records, maxlen=len(records) - index)) if index else list(records)

@@ -1,0 +1,332 @@
+"""The Pomofocus demo: a small Starlette app whose services broadcast every change to the user's tabs.
+
+Run it with `pomo-ws demo`, or `uvicorn --factory starlette_pomo_ws.demo.app:create_app
+--ws-per-message-deflate false`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import PomoWS, Settings
+from ..exceptions import BackendUnavailable
+from .store import SESSION_TYPES, TASK_STATUSES, Store
+from .tokens import dev_settings, mint_token, verify_token
+
+__all__ = ["DEFAULT_DB_PATH", "create_app"]
+
+logger = logging.getLogger("starlette_pomo_ws")
+
+DEFAULT_DB_PATH = "pomo-demo.sqlite3"
+TOKEN_TTL = 3600
+_HERE = Path(__file__).parent
+_USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+_MAX_TITLE = 200
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(400, "The body must be a JSON object.") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "The body must be a JSON object.")
+    return body
+
+
+def _int_field(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise HTTPException(400, f"'{key}' must be an integer from {low} to {high}.")
+    return value
+
+
+def _title(body: dict[str, Any]) -> str:
+    title = body.get("title")
+    if not isinstance(title, str) or not title.strip() or len(title) > _MAX_TITLE:
+        raise HTTPException(400, f"'title' must be a non-empty string of at most {_MAX_TITLE} characters.")
+    return title.strip()
+
+
+def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str] = DEFAULT_DB_PATH) -> Starlette:
+    """Build the demo app.
+
+    Args:
+        settings: the package settings; `None` reads them from the environment. Without a secret,
+            a development secret is generated (and logged as such).
+        db_path: the SQLite file (created when missing), or `":memory:"`.
+
+    Returns:
+        A Starlette app with the pages, the JSON API and the WebSocket mount at `/ws`.
+    """
+    settings, _ = dev_settings(settings)
+    store = Store(db_path)
+    pomo = PomoWS(settings)
+
+    def user_of(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HTTPException(401, "Log in first: send 'Authorization: Bearer <token>'.")
+        try:
+            return verify_token(settings, token.strip())
+        except jwt.InvalidTokenError:
+            raise HTTPException(401, "Invalid or expired token; log in again.") from None
+
+    async def broadcast(request: Request, user_id: str, event_type: str, data: Any) -> None:
+        await request.state.broadcaster.broadcast_to_user(user_id, event_type, data)
+
+    # -- pages ------------------------------------------------------------------------------------
+
+    async def index(request: Request) -> Response:
+        return FileResponse(_HERE / "templates" / "index.html")
+
+    async def websocket_test(request: Request) -> Response:
+        return FileResponse(_HERE / "templates" / "websocket-test.html")
+
+    # -- auth -------------------------------------------------------------------------------------
+
+    async def login(request: Request) -> Response:
+        """The dev login: anyone may be anyone. Never ship this."""
+        body = await _json_body(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not _USER_NAME.match(name):
+            return _error(400, "'name' must be 1-64 letters, digits or _.@-")
+        token = mint_token(settings, name, ttl=TOKEN_TTL)
+        return JSONResponse({"token": token, "userId": name, "expiresIn": TOKEN_TTL})
+
+    # -- state ------------------------------------------------------------------------------------
+
+    async def state(request: Request) -> Response:
+        """Everything a page shows, in one response: what a client refetches on RESYNC_REQUIRED."""
+        user_id = user_of(request)
+        return JSONResponse(
+            {
+                "userId": user_id,
+                "tasks": store.list_tasks(user_id),
+                "session": store.current_session(user_id),
+                "settings": store.get_settings(user_id),
+                "serverTime": time.time() * 1000,
+            }
+        )
+
+    # -- the task service -------------------------------------------------------------------------
+
+    async def list_tasks(request: Request) -> Response:
+        return JSONResponse(store.list_tasks(user_of(request)))
+
+    async def create_task(request: Request) -> Response:
+        user_id = user_of(request)
+        body = await _json_body(request)
+        task = store.create_task(user_id, _title(body), _int_field(body, "estimatedPomodoros", 1, 1, 99))
+        await broadcast(request, user_id, "TASK_CREATED", task)
+        return JSONResponse(task, status_code=201)
+
+    async def get_task(request: Request) -> Response:
+        task = store.get_task(user_of(request), request.path_params["task_id"])
+        return JSONResponse(task) if task else _error(404, "No such task.")
+
+    async def update_task(request: Request) -> Response:
+        user_id = user_of(request)
+        body = await _json_body(request)
+        changes: dict[str, Any] = {}
+        if "title" in body:
+            changes["title"] = _title(body)
+        if "estimatedPomodoros" in body:
+            changes["estimatedPomodoros"] = _int_field(body, "estimatedPomodoros", 1, 1, 99)
+        task = store.update_task(user_id, request.path_params["task_id"], changes)
+        if task is None:
+            return _error(404, "No such task.")
+        await broadcast(request, user_id, "TASK_UPDATED", task)
+        return JSONResponse(task)
+
+    async def delete_task(request: Request) -> Response:
+        user_id = user_of(request)
+        task_id = request.path_params["task_id"]
+        if not store.delete_task(user_id, task_id):
+            return _error(404, "No such task.")
+        await broadcast(request, user_id, "TASK_DELETED", {"taskId": task_id})
+        return Response(status_code=204)
+
+    async def set_task_status(request: Request) -> Response:
+        user_id = user_of(request)
+        body = await _json_body(request)
+        status = body.get("status")
+        if status not in TASK_STATUSES:
+            return _error(400, f"'status' must be one of {', '.join(TASK_STATUSES)}.")
+        task = store.update_task(user_id, request.path_params["task_id"], {"status": status})
+        if task is None:
+            return _error(404, "No such task.")
+        await broadcast(request, user_id, "TASK_STATUS_CHANGED", {"taskId": task["id"], "status": task["status"]})
+        return JSONResponse(task)
+
+    # -- the session service ----------------------------------------------------------------------
+
+    async def current_session(request: Request) -> Response:
+        return JSONResponse(store.current_session(user_of(request)))
+
+    async def start_session(request: Request) -> Response:
+        user_id = user_of(request)
+        body = await _json_body(request)
+        session_type = body.get("type", "work")
+        if session_type not in SESSION_TYPES:
+            return _error(400, f"'type' must be one of {', '.join(SESSION_TYPES)}.")
+        user_settings = store.get_settings(user_id)
+        minutes = {"work": "workDuration", "short_break": "shortBreakDuration", "long_break": "longBreakDuration"}
+        duration = _int_field(body, "duration", int(user_settings[minutes[session_type]]) * 60, 1, 24 * 3600)
+        task_id = body.get("taskId")
+        if task_id is not None and (not isinstance(task_id, str) or store.get_task(user_id, task_id) is None):
+            return _error(400, "'taskId' must name one of your tasks.")
+        if store.current_session(user_id) is not None:
+            return _error(409, "A session is already running; end it first.")
+        session = store.start_session(user_id, session_type, duration, task_id, started_at=time.time())
+        await broadcast(
+            request,
+            user_id,
+            "SESSION_START",
+            {
+                "sessionId": session["id"],
+                "type": session["type"],
+                "duration": session["duration"],
+                "startTime": session["startTime"],
+                "taskId": session["taskId"],
+            },
+        )
+        return JSONResponse(session, status_code=201)
+
+    async def end_session(request: Request) -> Response:
+        user_id = user_of(request)
+        body = await _json_body(request)
+        completed = body.get("completed")
+        if completed is not None and not isinstance(completed, bool):
+            return _error(400, "'completed' must be true, false or absent.")
+        result = store.end_session(user_id, request.path_params["session_id"], completed=completed, now=time.time())
+        if result is None:
+            return _error(404, "No such session.")
+        session, task, changed = result
+        if changed:
+            await broadcast(
+                request,
+                user_id,
+                "SESSION_END",
+                {
+                    "sessionId": session["id"],
+                    "completedPomodoros": task["completedPomodoros"] if task else 0,
+                    "isCompleted": session["isCompleted"],
+                    "taskId": session["taskId"],
+                },
+            )
+            if session["isCompleted"]:
+                what = "Pomodoro" if session["type"] == "work" else "Break"
+                message = f"{what} complete" + (f": {task['title']}" if task else "")
+                await broadcast(request, user_id, "NOTIFICATION", {"message": message, "sessionId": session["id"]})
+        return JSONResponse(session)
+
+    # -- the settings service ---------------------------------------------------------------------
+
+    async def get_settings(request: Request) -> Response:
+        return JSONResponse(store.get_settings(user_of(request)))
+
+    async def update_settings(request: Request) -> Response:
+        user_id = user_of(request)
+        body = await _json_body(request)
+        changes: dict[str, Any] = {}
+        for key in ("workDuration", "shortBreakDuration", "longBreakDuration"):
+            if key in body:
+                changes[key] = _int_field(body, key, 0, 1, 180)
+        if "longBreakInterval" in body:
+            changes["longBreakInterval"] = _int_field(body, "longBreakInterval", 0, 1, 12)
+        for key in ("autoStartBreaks", "autoStartPomodoros"):
+            if key in body:
+                if not isinstance(body[key], bool):
+                    return _error(400, f"'{key}' must be true or false.")
+                changes[key] = body[key]
+        unknown = sorted(set(body) - set(changes))
+        if unknown:
+            return _error(400, f"Unknown settings: {', '.join(unknown)}.")
+        merged = store.update_settings(user_id, changes)
+        await broadcast(request, user_id, "SETTINGS_UPDATED", merged)
+        return JSONResponse(merged)
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    async def notify(request: Request) -> Response:
+        """Broadcast a test NOTIFICATION to the caller's tabs (the /websocket-test page's button)."""
+        user_id = user_of(request)
+        body = await _json_body(request)
+        message = body.get("message", "Test notification")
+        if not isinstance(message, str) or len(message) > 500:
+            return _error(400, "'message' must be a string of at most 500 characters.")
+        event = await request.state.broadcaster.broadcast_to_user(user_id, "NOTIFICATION", {"message": message})
+        return JSONResponse({"id": event.id, "type": event.type, "timestamp": event.timestamp}, status_code=202)
+
+    # -- errors -----------------------------------------------------------------------------------
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail)
+
+    async def backend_down(request: Request, exc: Exception) -> Response:
+        # The change is stored, but its event could not be published: say so rather than pretend.
+        logger.warning("Demo: the broadcast failed, the backend is unavailable: %s", exc)
+        return _error(503, "Saved, but the real-time backend is unavailable; other tabs will resync.")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        # Composing lifespans: enter the package's, then add the app's own state next to its.
+        async with pomo.lifespan(app) as pomo_state:
+            try:
+                yield {**pomo_state, "store": store}
+            finally:
+                store.close()
+
+    routes = [
+        Route("/", index),
+        Route("/websocket-test", websocket_test),
+        Route("/api/login", login, methods=["POST"]),
+        Route("/api/state", state),
+        Route("/api/tasks", list_tasks),
+        Route("/api/tasks", create_task, methods=["POST"]),
+        Route("/api/tasks/{task_id}", get_task),
+        Route("/api/tasks/{task_id}", update_task, methods=["PATCH", "PUT"]),
+        Route("/api/tasks/{task_id}", delete_task, methods=["DELETE"]),
+        Route("/api/tasks/{task_id}/status", set_task_status, methods=["POST", "PUT"]),
+        Route("/api/sessions/current", current_session),
+        Route("/api/sessions", start_session, methods=["POST"]),
+        Route("/api/sessions/{session_id}/end", end_session, methods=["POST"]),
+        Route("/api/settings", get_settings),
+        Route("/api/settings", update_settings, methods=["PUT", "PATCH"]),
+        Route("/api/notifications", notify, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, BackendUnavailable: backend_down},
+    )
+    app.mount("/ws", pomo)
+    app.state.store = store
+    app.state.pomo = pomo
+    app.state.settings = settings
+    return app

@@ -1,0 +1,395 @@
+// pomo-ws.js: the browser client of starlette-pomo-ws.
+//
+// A dependency-free ES module. Serve it from the mount (`GET /ws/client.js`) or vendor this file.
+//
+//   import { PomoSocket } from "/ws/client.js";
+//   const socket = new PomoSocket("/ws", { getToken: async () => (await fetch("/token")).text() });
+//   socket.on("TASK_CREATED", (event) => addTask(event.data));
+//   socket.on("resync", () => refetchEverything());
+//   socket.on("status", (status) => indicator.textContent = status);
+//   socket.connect();
+//
+// What it does for you:
+// - sends the token as the subprotocol pair ["bearer", token], never in the URL;
+// - reconnects with full-jitter exponential backoff, acting on each close code;
+// - resumes with ?last_event_id=<cursor>, and calls `resync` listeners on RESYNC_REQUIRED;
+// - answers TOKEN_EXPIRING with an in-band REFRESH_TOKEN, and fetches a fresh token after an
+//   authentication close (1008);
+// - detects a half-open connection with PING/PONG and replaces it;
+// - drops an event it has already delivered (by `id`).
+
+/** Close reasons (code 1008) that a fresh token can fix. */
+export const AUTH_REASONS = Object.freeze([
+  "No authentication token provided",
+  "Invalid authentication token",
+  "Authentication token expired",
+  "Token is for another user",
+]);
+
+/** Close reasons (code 1008) after which reconnecting cannot help: tell the user. */
+export const FATAL_REASONS = Object.freeze(["Origin not allowed", "Too many connections for this user"]);
+
+/** The close code used when the client itself replaces or drops a connection (reconnects). */
+export const CLIENT_RECONNECT_CODE = 4000;
+
+/** Status values, emitted as `status` events. */
+export const Status = Object.freeze({
+  IDLE: "idle",
+  CONNECTING: "connecting",
+  OPEN: "open",
+  RECONNECTING: "reconnecting",
+  CLOSED: "closed",
+});
+
+const DEFAULTS = Object.freeze({
+  getToken: null, // async ({ refresh, reason }) => string
+  token: null, // a fixed token, when there is no provider
+  lastEventId: null, // resume from a stored cursor
+  protocols: null, // override the subprotocols (defaults to ["bearer", token])
+  minDelay: 500, // ms: the base of the exponential backoff
+  maxDelay: 30000, // ms: the cap of the exponential backoff
+  throttledDelay: 60000, // ms: the minimum wait after "Too many messages"
+  maxAuthFailures: 3, // consecutive authentication closes before giving up
+  stableAfter: 5000, // ms a connection must stay open before the backoff resets
+  pingInterval: 25000, // ms of silence before the client sends PING (0 turns liveness off)
+  pongTimeout: 10000, // ms to wait for any message after a PING before replacing the connection
+  connectTimeout: 15000, // ms to wait for CONNECTION_ESTABLISHED before replacing the attempt
+  dedupSize: 2000, // how many event ids to remember for deduplication
+  WebSocket: null, // the WebSocket constructor (defaults to globalThis.WebSocket)
+  random: Math.random,
+});
+
+/**
+ * A self-healing, authenticated WebSocket for starlette-pomo-ws.
+ *
+ * Events (subscribe with `on(name, listener)`, which returns an unsubscribe function):
+ * - any event type, e.g. "TASK_CREATED": `listener(event)`;
+ * - "message": every server message, after deduplication;
+ * - "status": `listener(status, detail)` with one of `Status`;
+ * - "resync": `listener(event)`: state may have been missed, refetch it;
+ * - "error": `listener(errorOrEvent)` for ERROR events and token provider failures;
+ * - "close": `listener({ code, reason, willReconnect, delay })` for every closed socket.
+ */
+export class PomoSocket {
+  /**
+   * @param {string} url  "/ws", "ws://host/ws" or "https://host/ws" (http(s) maps to ws(s)).
+   * @param {object} [options]  See DEFAULTS above.
+   */
+  constructor(url, options = {}) {
+    this.options = { ...DEFAULTS, ...options };
+    this.url = url;
+    this._listeners = new Map();
+    this._status = Status.IDLE;
+    this._ws = null;
+    this._token = this.options.token;
+    this._cursor = this.options.lastEventId;
+    this._attempt = 0;
+    this._authFailures = 0;
+    this._stopped = true;
+    this._reconnectTimer = null;
+    this._idleTimer = null;
+    this._deadTimer = null;
+    this._connectTimer = null;
+    this._openedAt = 0;
+    this._everOpened = false;
+    this._seen = new Set();
+    this._seenOrder = [];
+    this._pending = null;
+    this.lastClose = null;
+  }
+
+  /** The current status: "idle", "connecting", "open", "reconnecting" or "closed". */
+  get status() {
+    return this._status;
+  }
+
+  /** The resume cursor: the id of the last event seen (store it to resume after a reload). */
+  get lastEventId() {
+    return this._cursor;
+  }
+
+  /**
+   * Subscribe to an event; returns a function that unsubscribes.
+   * @param {string} name
+   * @param {Function} listener
+   */
+  on(name, listener) {
+    if (!this._listeners.has(name)) this._listeners.set(name, new Set());
+    this._listeners.get(name).add(listener);
+    return () => this.off(name, listener);
+  }
+
+  /** Remove a listener added with `on`. */
+  off(name, listener) {
+    const set = this._listeners.get(name);
+    if (set) set.delete(listener);
+  }
+
+  /** Open the connection (idempotent). Returns this, for chaining. */
+  connect() {
+    if (!this._stopped) return this;
+    this._stopped = false;
+    this._attempt = 0;
+    this._authFailures = 0;
+    this._open(false, null);
+    return this;
+  }
+
+  /** Close for good (code 1000); no reconnect. `connect()` starts again. */
+  close(reason = "Client closed") {
+    this._stopped = true;
+    this._clearTimers();
+    this._detach(1000, reason);
+    this._setStatus(Status.CLOSED, { code: 1000, reason });
+  }
+
+  /**
+   * Drop the current socket and reconnect as after a network failure (resuming from the cursor).
+   * Useful for testing and for a "reconnect now" button.
+   */
+  drop() {
+    if (this._stopped) return;
+    this._handleClose(CLIENT_RECONNECT_CODE, "Dropped by the client", true);
+  }
+
+  /** Send `{type, data}` if the socket is open. Returns whether it was sent. */
+  send(type, data) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    const message = data === undefined ? { type } : { type, data };
+    ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Send PING; the server answers PONG. Returns whether it was sent. */
+  ping() {
+    return this.send("PING");
+  }
+
+  // -- connection lifecycle -------------------------------------------------------------------
+
+  async _open(refreshToken, reason) {
+    const reconnecting = this._attempt > 0 || this._everOpened;
+    this._setStatus(reconnecting ? Status.RECONNECTING : Status.CONNECTING);
+    let token;
+    try {
+      token = await this._getToken(refreshToken, reason);
+    } catch (error) {
+      if (this._stopped) return;
+      this._emit("error", error);
+      this._scheduleReconnect(false, "token provider failed");
+      return;
+    }
+    if (this._stopped) return;
+    const Impl = this.options.WebSocket || globalThis.WebSocket;
+    const protocols = this.options.protocols || (token ? ["bearer", token] : undefined);
+    let ws;
+    try {
+      ws = protocols ? new Impl(this._buildUrl(), protocols) : new Impl(this._buildUrl());
+    } catch (error) {
+      this._emit("error", error);
+      this._scheduleReconnect(false, "invalid URL or token");
+      return;
+    }
+    this._ws = ws;
+    this._openedAt = 0;
+    ws.onmessage = (message) => {
+      if (this._ws === ws) this._onMessage(message);
+    };
+    ws.onclose = (close) => {
+      if (this._ws === ws) this._handleClose(close.code, close.reason, false);
+    };
+    ws.onerror = () => {
+      // A close event always follows; it carries the code.
+    };
+    this._connectTimer = setTimeout(() => {
+      if (this._ws === ws) this._handleClose(CLIENT_RECONNECT_CODE, "Connect timeout", true);
+    }, this.options.connectTimeout);
+  }
+
+  async _getToken(refresh, reason) {
+    const provider = this.options.getToken;
+    if (provider && (refresh || !this._token)) this._token = await provider({ refresh, reason });
+    return this._token;
+  }
+
+  _buildUrl() {
+    const base = globalThis.location ? globalThis.location.href : "http://localhost/";
+    const url = new URL(this.url, base);
+    if (url.protocol === "http:") url.protocol = "ws:";
+    if (url.protocol === "https:") url.protocol = "wss:";
+    if (this._cursor) url.searchParams.set("last_event_id", this._cursor);
+    else url.searchParams.delete("last_event_id");
+    return url.toString();
+  }
+
+  _onMessage(message) {
+    if (typeof message.data !== "string") return;
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    if (!event || typeof event !== "object" || typeof event.type !== "string") return;
+    this._alive();
+    const type = event.type;
+    if (type === "CONNECTION_ESTABLISHED") {
+      clearTimeout(this._connectTimer);
+      this._connectTimer = null;
+      this._openedAt = Date.now();
+      this._everOpened = true;
+      this._authFailures = 0;
+      if (event.id) this._cursor = event.id;
+      this._setStatus(Status.OPEN);
+    } else if (type === "RESYNC_REQUIRED") {
+      if (event.id) this._cursor = event.id;
+      this._seen.clear();
+      this._seenOrder = [];
+    } else if (type === "TOKEN_EXPIRING") {
+      this._refreshInBand();
+    } else if (event.id) {
+      if (this._seen.has(event.id)) return;
+      this._remember(event.id);
+      this._cursor = event.id;
+    }
+    this._emit("message", event);
+    if (type === "RESYNC_REQUIRED") this._emit("resync", event);
+    if (type === "ERROR") this._emit("error", event);
+    this._emit(type, event);
+  }
+
+  async _refreshInBand() {
+    const ws = this._ws;
+    if (!this.options.getToken) return;
+    try {
+      const token = await this._getToken(true, "TOKEN_EXPIRING");
+      if (this._ws === ws && token) this.send("REFRESH_TOKEN", { token });
+    } catch (error) {
+      // The server closes at expiry with 1008; we then fetch a token again before reconnecting.
+      this._emit("error", error);
+    }
+  }
+
+  _remember(id) {
+    this._seen.add(id);
+    this._seenOrder.push(id);
+    while (this._seenOrder.length > this.options.dedupSize) this._seen.delete(this._seenOrder.shift());
+  }
+
+  _handleClose(code, reason, byClient) {
+    const ws = this._ws;
+    const livedLong = this._openedAt > 0 && Date.now() - this._openedAt >= this.options.stableAfter;
+    this._clearTimers();
+    if (ws) this._detach(byClient ? CLIENT_RECONNECT_CODE : undefined, reason);
+    if (livedLong) this._attempt = 0;
+    this.lastClose = { code, reason };
+    if (this._stopped) return;
+
+    let willReconnect = true;
+    let refresh = false;
+    let minimum = 0;
+    if (code === 1000 || code === 1009 || (code === 1008 && FATAL_REASONS.includes(reason))) {
+      willReconnect = false;
+    } else if (code === 1008 && reason === "Too many messages") {
+      minimum = this.options.throttledDelay;
+    } else if (code === 1008) {
+      // An authentication reason (or an unknown 1008): get a fresh token, then reconnect.
+      refresh = true;
+      this._authFailures += 1;
+      if (this._authFailures > this.options.maxAuthFailures) willReconnect = false;
+    }
+
+    if (!willReconnect) {
+      this._stopped = true;
+      this._emit("close", { code, reason, willReconnect: false, delay: null });
+      this._setStatus(Status.CLOSED, { code, reason });
+      return;
+    }
+    const delay = this._scheduleReconnect(refresh, reason, minimum);
+    this._emit("close", { code, reason, willReconnect: true, delay });
+  }
+
+  _scheduleReconnect(refresh, reason, minimum = 0) {
+    const { minDelay, maxDelay, random } = this.options;
+    // Full jitter: a uniform delay between 0 and the exponential ceiling (AWS architecture blog).
+    const ceiling = Math.min(maxDelay, minDelay * 2 ** this._attempt);
+    const delay = Math.max(minimum, Math.floor(random() * ceiling));
+    this._attempt += 1;
+    this._setStatus(Status.RECONNECTING, { delay });
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
+      if (!this._stopped) this._open(refresh, reason);
+    }, delay);
+    return delay;
+  }
+
+  _detach(code, reason) {
+    const ws = this._ws;
+    this._ws = null;
+    if (!ws) return;
+    ws.onmessage = null;
+    ws.onclose = null;
+    ws.onerror = null;
+    ws.onopen = null;
+    if (ws.readyState === 0 || ws.readyState === 1) {
+      try {
+        ws.close(code === undefined ? 1000 : code, reason ? String(reason).slice(0, 120) : undefined);
+      } catch {
+        // Already closing.
+      }
+    }
+  }
+
+  // -- liveness ------------------------------------------------------------------------------
+
+  _alive() {
+    clearTimeout(this._deadTimer);
+    this._deadTimer = null;
+    clearTimeout(this._idleTimer);
+    const { pingInterval, pongTimeout } = this.options;
+    if (!pingInterval) return;
+    const ws = this._ws;
+    this._idleTimer = setTimeout(() => {
+      if (this._ws !== ws) return;
+      this.ping();
+      this._deadTimer = setTimeout(() => {
+        // No PONG, HEARTBEAT or event: the connection is half-open. Replace it.
+        if (this._ws === ws) this._handleClose(CLIENT_RECONNECT_CODE, "No response to PING", true);
+      }, pongTimeout);
+    }, pingInterval);
+  }
+
+  _clearTimers() {
+    for (const name of ["_reconnectTimer", "_idleTimer", "_deadTimer", "_connectTimer"]) {
+      clearTimeout(this[name]);
+      this[name] = null;
+    }
+  }
+
+  // -- events --------------------------------------------------------------------------------
+
+  _setStatus(status, detail = {}) {
+    if (this._status === status) return;
+    this._status = status;
+    this._emit("status", status, detail);
+  }
+
+  _emit(name, ...args) {
+    const set = this._listeners.get(name);
+    if (!set) return;
+    for (const listener of [...set]) {
+      try {
+        listener(...args);
+      } catch (error) {
+        // A listener's bug must not break the connection.
+        setTimeout(() => {
+          throw error;
+        });
+      }
+    }
+  }
+}
+
+export default PomoSocket;
