@@ -40,8 +40,9 @@ class Principal:
     claims: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.user_id, str):
-            object.__setattr__(self, "user_id", str(self.user_id))
+        user_id: Any = self.user_id
+        if not isinstance(user_id, str):
+            object.__setattr__(self, "user_id", str(user_id))
 
 
 class Authenticate(Protocol):

@@ -10,7 +10,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._connection import _DONE, CLOSED, QUEUED, RESUMING, Connection
-from ._events import CursorSigner, Event, EventType, Position, dumps, envelope_head, iso_timestamp, protocol_message, with_id
+from ._events import (
+    CursorSigner,
+    Event,
+    EventType,
+    Position,
+    dumps,
+    envelope_head,
+    iso_timestamp,
+    protocol_message,
+    with_id,
+)
 from ._registry import Registry
 from .backends.base import Backend, Record
 from .exceptions import NotStartedError
@@ -277,7 +287,9 @@ class Broadcaster:
             "resumed": bool(last_event_id) and resync_reason is None,
             "heartbeatInterval": self.settings.heartbeat_interval,
         }
-        messages = [_text(protocol_message(EventType.CONNECTION_ESTABLISHED, user_id, established, self._position_id(position, user_id)))]
+        # A resumed connection starts at its resume point: hand the client's own cursor back.
+        start_id = last_event_id if established["resumed"] else self._position_id(position, user_id)
+        messages = [_text(protocol_message(EventType.CONNECTION_ESTABLISHED, user_id, established, start_id))]
         skip_upto = position.seq
         if resync_reason is not None:
             messages.append(
@@ -387,7 +399,10 @@ class Broadcaster:
                         protocol_message(
                             EventType.TOKEN_EXPIRING,
                             connection.user_id,
-                            {"expiresAt": iso_timestamp(expires_at), "expiresIn": max(0, round(expires_at - time.time(), 3))},
+                            {
+                                "expiresAt": iso_timestamp(expires_at),
+                                "expiresIn": max(0, round(expires_at - time.time(), 3)),
+                            },
                         )
                     )
                 )
@@ -429,4 +444,3 @@ def _fit_reason(reason: str) -> str:
     if len(encoded) <= 123:
         return reason
     return encoded[:123].decode(errors="ignore")
-

@@ -6,7 +6,7 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._events import protocol_message
@@ -137,8 +137,8 @@ class Connection:
             return
         backlog.append(message)
 
-    def start_queue(self, messages: list[Message], skip_upto: int) -> None:
-        """Leave RESUMING: send `messages` (CONNECTION_ESTABLISHED and the replay), then live events after `skip_upto`."""
+    def start_queue(self, messages: Iterable[Message], skip_upto: int) -> None:
+        """Leave RESUMING: send `messages` (CONNECTION_ESTABLISHED, the replay), then live events after `skip_upto`."""
         self.skip_upto = skip_upto
         backlog = self.backlog = collections.deque(messages)
         for seq, message in self.pending:
@@ -215,7 +215,7 @@ class Connection:
         timeout = self._broadcaster.settings.send_timeout
         try:
             await asyncio.wait_for(self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout)
-        except Exception as exc:  # noqa: BLE001 - a dead or stuck peer; the reader is woken below
+        except Exception as exc:
             logger.debug("Close frame not sent to %s: %r", self.id, exc)
             self._wake_reader()
 
@@ -277,7 +277,7 @@ async def _finish(awaitable: Generator[Any, None, None], yielded: Any) -> None:
                 await yielded
             except asyncio.CancelledError:
                 raise
-            except BaseException:  # noqa: BLE001 - the coroutine decides what the failure means
+            except BaseException:
                 pass
         try:
             yielded = awaitable.send(None)

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 __all__ = ["Event", "EventType", "Position"]
@@ -161,5 +160,3 @@ class CursorSigner:
             if hmac.compare_digest(sig.encode(), self._sig(epoch, seq, who).encode()):
                 return Position(epoch, seq)
         return None
-
-

@@ -142,7 +142,9 @@ class Settings:
                     "(or JWT_SECRET) to the key your tokens are signed with."
                 )
             if any(alg.lower() == "none" for alg in algorithms):
-                raise ConfigurationError("Setting 'jwt_algorithms' contains 'none'; unsigned tokens are never accepted.")
+                raise ConfigurationError(
+                    "Setting 'jwt_algorithms' contains 'none'; unsigned tokens are never accepted."
+                )
             unknown = algorithms - _HMAC_ALGORITHMS - _PUBLIC_KEY_ALGORITHMS
             if unknown:
                 raise ConfigurationError(f"Setting 'jwt_algorithms' has unknown algorithms {sorted(unknown)}.")
@@ -223,7 +225,9 @@ def _parse(var: str, raw: str, hint: Any) -> Any:
     optional = type(None) in args
     if optional and text.lower() in ("", "none"):
         return None
-    base = next((a for a in args if a is not type(None)), hint) if optional or isinstance(hint, types.UnionType) else hint
+    base = (
+        next((a for a in args if a is not type(None)), hint) if optional or isinstance(hint, types.UnionType) else hint
+    )
     origin = typing.get_origin(base)
     try:
         if base is bool:

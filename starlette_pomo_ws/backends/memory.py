@@ -6,6 +6,7 @@ import collections
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .._events import Position
 from ..exceptions import BackendUnavailable
@@ -36,9 +37,12 @@ class MemoryBackend(Backend):
 
     kind = "memory"
 
-    def __init__(self, *, history_size: int = 1000, history_ttl: float = 120) -> None:
+    def __init__(
+        self, *, history_size: int = 1000, history_ttl: float = 120, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self._clock = clock
         self._epoch = ""
         self._seq = 0
         self._streams: dict[str | None, _Stream] = {}
@@ -73,7 +77,7 @@ class MemoryBackend(Backend):
             raise BackendUnavailable("The memory backend is stopped; the event was not published.")
         self._seq += 1
         record = Record(self._epoch, self._seq, user_id, head)
-        now = time.monotonic()
+        now = self._clock()
         self._expire(now)
         stream = self._streams.get(user_id)
         if stream is None:
@@ -116,7 +120,7 @@ class MemoryBackend(Backend):
         return Position(self._epoch, self._seq)
 
     async def history(self, user_id: str, since: Position) -> History:
-        self._expire(time.monotonic())
+        self._expire(self._clock())
         current = Position(self._epoch, self._seq)
         if since.epoch != self._epoch or since.seq > self._seq:
             return History(False, (), current)

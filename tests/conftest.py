@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import jwt
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from starlette_pomo_ws import PomoWS, Settings
+
+SECRET = "test-secret-0123456789-0123456789-0123456789"
+REDIS_URL = os.environ.get("POMO_WS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+WS_IMPLEMENTATIONS = ["websockets-sansio", "wsproto"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_token(user_id: Any = "u1", *, secret: str = SECRET, ttl: float | None = 300, **claims: Any) -> str:
+    """Mint an HS256 token the way the guide's backend does (`userId` claim)."""
+    payload: dict[str, Any] = {"userId": user_id, **claims}
+    if ttl is not None:
+        payload.setdefault("exp", int(time.time() + ttl))
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def make_settings(**overrides: Any) -> Settings:
+    return Settings(jwt_secret=SECRET, **overrides)
+
+
+def make_app(pomo: PomoWS) -> Starlette:
+    """The smallest Starlette app: the two lines, plus an endpoint that broadcasts."""
+
+    async def publish(request: Request) -> JSONResponse:
+        body = await request.json()
+        broadcaster = request.state.broadcaster
+        if body.get("user") is None:
+            event = await broadcaster.broadcast_to_all(body["type"], body.get("data"))
+        else:
+            event = await broadcaster.broadcast_to_user(body["user"], body["type"], body.get("data"))
+        return JSONResponse({"id": event.id})
+
+    app = Starlette(lifespan=pomo.lifespan, routes=[Route("/publish", publish, methods=["POST"])])
+    app.mount("/ws", pomo)
+    return app
+
+
+@pytest.fixture
+def pomo() -> PomoWS:
+    return PomoWS(make_settings())
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class RunningServer:
+    def __init__(self, server: uvicorn.Server, port: int) -> None:
+        self.server = server
+        self.port = port
+
+    def url(self, path: str = "/ws") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def run_server(app: Any, ws: str = "websockets-sansio", **config: Any) -> AsyncIterator[RunningServer]:
+    """Run a real uvicorn server on a free port of 127.0.0.1 in this event loop."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    cfg = uvicorn.Config(
+        app,
+        ws=ws,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        **config,
+    )
+    server = uvicorn.Server(cfg)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn exited before it started")
+            assert time.monotonic() < deadline, "uvicorn did not start within 10 s"
+            await asyncio.sleep(0.01)
+        yield RunningServer(server, port)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 15)
+        sock.close()
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0, what: str = "condition") -> None:
+    """Poll a cheap in-process predicate, bounded (for state that has no event to wait on)."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A real Redis; under CI a missing Redis fails, elsewhere it skips."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis is required under CI but {REDIS_URL} is unreachable: {exc}")
+        pytest.skip(f"Redis unreachable at {REDIS_URL}")
+    finally:
+        client.close()
+    yield REDIS_URL
