@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import HTTPConnection  # FastAPI reads this annotation at runtime
+
 from ._types import Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from starlette.requests import HTTPConnection
-
     from ._app import PomoWS
     from ._broadcaster import Broadcaster
 
