@@ -200,7 +200,7 @@ class PomoWS:
             logger.exception("The authenticate callable failed")
             await _refuse(send, subprotocol, 1011, "Internal error")
             return
-        connection = Connection(broadcaster, principal, send, dict(scope))
+        connection = Connection(broadcaster, principal, send, scope)
         if not await broadcaster.admit(connection):
             logger.info("Refused connection for user %s: too many connections", principal.user_id)
             await _refuse(send, subprotocol, 1008, "Too many connections for this user")

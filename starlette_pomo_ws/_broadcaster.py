@@ -408,6 +408,10 @@ class Broadcaster:
                 )
             else:
                 connection.abort(1008, "Authentication token expired")
+        if len(heap) > 2 * self.registry.total + 64:
+            # Closed connections leave entries behind; drop them so churn cannot grow the heap.
+            heap[:] = [entry for entry in heap if entry[3].mode != CLOSED and entry[3].expiry_token == entry[1]]
+            heapq.heapify(heap)
 
     def _send_heartbeats(self, now: float) -> None:
         interval = self.settings.heartbeat_interval

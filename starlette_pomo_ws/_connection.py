@@ -10,7 +10,7 @@ from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._events import protocol_message
-from ._types import Message, Send
+from ._types import Message, Scope, Send
 
 if TYPE_CHECKING:
     from ._auth import Principal
@@ -63,7 +63,7 @@ class Connection:
         "user_id",
     )
 
-    def __init__(self, broadcaster: Broadcaster, principal: Principal, send: Send, scope: dict[str, Any]) -> None:
+    def __init__(self, broadcaster: Broadcaster, principal: Principal, send: Send, scope: Scope) -> None:
         self._broadcaster = broadcaster
         self._send = send
         self.scope = scope
