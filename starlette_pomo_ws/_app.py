@@ -24,6 +24,7 @@ from ._broadcaster import Broadcaster, _text
 from ._connection import CLOSED, Connection
 from ._events import CursorSigner, iso_timestamp, protocol_message
 from ._lifespan import install_bare_route
+from ._metrics import MetricsCollector
 from ._settings import Settings
 from ._types import Message, Receive, Scope, Send
 from .backends import create_backend
@@ -74,9 +75,32 @@ class PomoWS:
         self.on_message = on_message
         self.broadcaster = Broadcaster(self.settings, backend)
         self._starts = 0
+        self._metrics_collector: MetricsCollector | None = None
+        self._metrics_registry: Any = None
 
     def __repr__(self) -> str:
         return f"PomoWS(settings={self.settings!r}, backend={self.broadcaster.backend!r})"
+
+    @property
+    def metrics_collector(self) -> MetricsCollector:
+        """A prometheus_client collector of this app's `pomo_ws_*` metrics, for your own registry."""
+        if self._metrics_collector is None:
+            self._metrics_collector = MetricsCollector(self.broadcaster)
+        return self._metrics_collector
+
+    async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An ASGI app serving the metrics in the Prometheus text format; mount it anywhere.
+
+        `GET /ws/metrics` serves the same when `Settings(metrics=True)`. Needs the `metrics` extra.
+        """
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        if self._metrics_registry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self.metrics_collector)
+            self._metrics_registry = registry
+        body = generate_latest(self._metrics_registry)
+        await Response(body, headers={"content-type": CONTENT_TYPE_LATEST})(scope, receive, send)
 
     # -- lifespan -----------------------------------------------------------------------------------------
 
@@ -143,6 +167,9 @@ class PomoWS:
             if not self.broadcaster.running:
                 body["error"] = "pomo.lifespan is not wired; see the Lifespan composition docs"
             response: Response = JSONResponse(body, status_code=status, headers={"cache-control": "no-store"})
+        elif path == "/metrics" and self.settings.metrics:
+            await self.metrics_app(scope, receive, send)
+            return
         elif path == "/client.js":
             source = resources.files("starlette_pomo_ws").joinpath("static/pomo-ws.js")
             try:
@@ -177,14 +204,17 @@ class PomoWS:
         if not broadcaster.accepting:
             if not broadcaster.running:
                 logger.error("%s", ConfigurationError.__name__ + ": " + _not_started_hint())
+                broadcaster.stats.rejected["not_started"] += 1
                 await _refuse(send, subprotocol, 1011, "Internal error")
             else:
+                broadcaster.stats.rejected["shutdown"] += 1
                 await _refuse(send, subprotocol, 1001, "Server shutting down")
             return
         connection_info = HTTPConnection(scope)
         origin = connection_info.headers.get("origin")
         if not origin_allowed(origin, settings.allowed_origins, cookie_auth=_uses_cookie(connection_info, settings)):
             logger.info("Refused a WebSocket from origin %r", origin)
+            broadcaster.stats.rejected["origin"] += 1
             await _refuse(send, subprotocol, 1008, "Origin not allowed")
             return
         assert self._authenticate is not None
@@ -194,18 +224,22 @@ class PomoWS:
                 raise TypeError(f"authenticate returned {type(principal).__name__}, not a Principal")
         except AuthenticationError as exc:
             logger.info("Refused a WebSocket: %s", exc.reason)
+            broadcaster.stats.rejected["auth"] += 1
             await _refuse(send, subprotocol, 1008, exc.reason or NO_TOKEN)
             return
         except Exception:
             logger.exception("The authenticate callable failed")
+            broadcaster.stats.rejected["error"] += 1
             await _refuse(send, subprotocol, 1011, "Internal error")
             return
         connection = Connection(broadcaster, principal, send, scope)
         if not await broadcaster.admit(connection):
             logger.info("Refused connection for user %s: too many connections", principal.user_id)
+            broadcaster.stats.rejected["limit"] += 1
             await _refuse(send, subprotocol, 1008, "Too many connections for this user")
             return
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        broadcaster.stats.accepted += 1
         connection.bind_reader()
         logger.info("WebSocket connected: user %s, connection %s", connection.user_id, connection.id)
         try:
@@ -231,6 +265,8 @@ class PomoWS:
                 raise
             kind = message["type"]
             if kind == "websocket.disconnect":
+                if connection.mode != CLOSED:
+                    connection.close_code = message.get("code") or 1005
                 return
             if kind != "websocket.receive" or connection.mode == CLOSED:
                 continue

@@ -21,9 +21,10 @@ from ._events import (
     protocol_message,
     with_id,
 )
+from ._metrics import Stats
 from ._registry import Registry
 from .backends.base import Backend, Record
-from .exceptions import NotStartedError
+from .exceptions import BackendUnavailable, NotStartedError
 
 if TYPE_CHECKING:
     from ._settings import Settings
@@ -66,6 +67,7 @@ class Broadcaster:
         self._last_all = 0.0
         self._user_activity: dict[str, float] = {}
         self._last_id: tuple[int, str] = (0, "")
+        self.stats = Stats()
 
     def __repr__(self) -> str:
         return f"Broadcaster(backend={self.backend!r}, connections={self.registry.total})"
@@ -145,7 +147,13 @@ class Broadcaster:
         type = str(type.value if isinstance(type, EventType) else type)
         timestamp = iso_timestamp()
         head = envelope_head(type, user_id, dumps(data), timestamp)
-        record = await self.backend.publish(user_id, head)
+        started = time.perf_counter()
+        try:
+            record = await self.backend.publish(user_id, head)
+        except BackendUnavailable:
+            self.stats.backend_errors += 1
+            raise
+        self.stats.broadcast_duration.observe(time.perf_counter() - started)
         seq, event_id = self._last_id
         if seq != record.seq:
             event_id = self._sign(record.epoch, record.seq, user_id)
@@ -161,7 +169,10 @@ class Broadcaster:
         user_id = record.user_id
         event_id = self._sign(record.epoch, seq, user_id)
         self._last_id = (seq, event_id)
-        message = {"type": "websocket.send", "text": with_id(record.head, event_id)}
+        text = with_id(record.head, event_id)
+        message = {"type": "websocket.send", "text": text}
+        if record.published_at:
+            self.stats.pubsub_lag.observe(max(0.0, time.time() - record.published_at))
         if user_id is None:
             self._last_all = time.monotonic()
             connections = self.registry.everyone()
@@ -170,11 +181,13 @@ class Broadcaster:
             if not connections:
                 return
             self._user_activity[user_id] = time.monotonic()
+        slow = 0
         for connection in connections:
             # The hot path: one call and one step of the server's send coroutine per socket. A socket
             # that keeps up finishes the step at once; one that the server paused hands its send to a
             # writer task (Connection.stalled) and never holds up the rest.
             if connection.mode:
+                slow += 1  # counted where it is sent (Connection.push or its writer)
                 connection.deliver(message, seq)
                 continue
             try:
@@ -185,6 +198,10 @@ class Broadcaster:
                 continue
             if yielded is not _DONE:
                 connection.stalled(awaitable, yielded)
+        stats = self.stats
+        fast = len(connections) - slow
+        stats.messages_sent += fast
+        stats.bytes_sent += fast * (len(text) if text.isascii() else len(text.encode()))
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -275,12 +292,15 @@ class Broadcaster:
                 if history.complete:
                     replay = list(history.records)
                     position = cursor
+                    self.stats.replayed += len(replay)
                 else:
                     resync_reason = "history_unavailable" if cursor.epoch == position.epoch else "new_epoch"
         else:
             position = await self.backend.position()
         if connection.mode == CLOSED:
             return
+        if last_event_id:
+            self.stats.resumes["ok" if resync_reason is None else "resync"] += 1
         established = {
             "message": "WebSocket connection established",
             "connectionId": connection.id,
@@ -314,6 +334,7 @@ class Broadcaster:
 
     def _release(self, connection: Connection) -> None:
         """Forget a closed connection (called once, synchronously, by Connection.release)."""
+        self.stats.disconnects[connection.close_code] += 1
         self._queued.pop(connection, None)
         user_id = connection.user_id
         if self.registry.remove(connection):

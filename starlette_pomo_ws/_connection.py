@@ -50,6 +50,7 @@ class Connection:
         "blocked_since",
         "bucket",
         "bucket_time",
+        "close_code",
         "expires_at",
         "expiry_token",
         "id",
@@ -78,6 +79,7 @@ class Connection:
         self.last_sent = time.monotonic()
         self.expires_at = principal.expires_at
         self.expiry_token = -1
+        self.close_code = 1006  # until a close says otherwise: the peer vanished
         settings = broadcaster.settings
         self.bucket = float(settings.client_message_burst)
         self.bucket_time = self.last_sent
@@ -120,6 +122,9 @@ class Connection:
         if mode == CLOSED:
             return
         self.last_sent = time.monotonic()
+        stats = self._broadcaster.stats
+        stats.messages_sent += 1
+        stats.bytes_sent += len(message["text"])
         try:
             awaitable = self._send(message).__await__()
             yielded = next(awaitable, _DONE)
@@ -171,9 +176,13 @@ class Connection:
                 awaitable = None
             send = self._send
             backlog = self.backlog
+            stats = self._broadcaster.stats
             while backlog:
                 self.blocked_since = time.monotonic()
-                await send(backlog.popleft())
+                message = backlog.popleft()
+                await send(message)
+                stats.messages_sent += 1
+                stats.bytes_sent += len(message["text"])
             if self.mode == QUEUED:
                 self.backlog = None
                 self.mode = GUARDED if self.skip_upto else FAST
@@ -202,7 +211,9 @@ class Connection:
         if self.mode == CLOSED or self._closing:
             return
         self._closing = True
+        self.close_code = code
         if code == 1013:
+            self._broadcaster.stats.slow_closes += 1
             logger.warning("Closing connection %s (user %s): client too slow", self.id, self.user_id)
         else:
             logger.info("Closing connection %s (user %s) with %d: %s", self.id, self.user_id, code, reason)

@@ -53,6 +53,7 @@ class Settings:
     max_message_size: int = 65536
     client_message_rate: float = 20
     client_message_burst: int = 40
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         for name in ("jwt_algorithms", "allowed_origins"):

@@ -19,6 +19,7 @@ class Record(NamedTuple):
     seq: int
     user_id: str | None
     head: str
+    published_at: float = 0.0  # Unix time of the publish, where the backend carries it (for the lag metric)
 
 
 class History(NamedTuple):
