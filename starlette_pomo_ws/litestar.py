@@ -6,7 +6,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from litestar import asgi
 from litestar.di import Provide
-from litestar.plugins import InitPlugin
+
+try:
+    from litestar.plugins import InitPlugin
+except ImportError:  # Litestar < 2.13 names it InitPluginProtocol
+    from litestar.plugins import InitPluginProtocol as InitPlugin  # type: ignore[assignment]
 
 from ._broadcaster import Broadcaster
 from ._types import ASGIApp, Receive, Scope, Send
