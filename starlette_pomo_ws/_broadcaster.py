@@ -7,9 +7,11 @@ import itertools
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+import types
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, cast
 
-from ._connection import _DONE, CLOSED, QUEUED, RESUMING, Connection
+from ._connection import CLOSED, QUEUED, RESUMING, Connection
 from ._events import (
     CursorSigner,
     Event,
@@ -23,6 +25,7 @@ from ._events import (
 )
 from ._metrics import Stats
 from ._registry import Registry
+from ._types import Message
 from .backends.base import Backend, Record
 from .exceptions import BackendUnavailable, NotStartedError
 
@@ -181,27 +184,28 @@ class Broadcaster:
             if not connections:
                 return
             self._user_activity[user_id] = time.monotonic()
-        slow = 0
-        for connection in connections:
-            # The hot path: one call and one step of the server's send coroutine per socket. A socket
-            # that keeps up finishes the step at once; one that the server paused hands its send to a
-            # writer task (Connection.stalled) and never holds up the rest.
-            if connection.mode:
-                slow += 1  # counted where it is sent (Connection.push or its writer)
-                connection.deliver(message, seq)
-                continue
-            try:
-                awaitable = connection._send(message).__await__()
-                yielded = next(awaitable, _DONE)
-            except Exception as exc:
-                connection.failed(exc)
-                continue
-            if yielded is not _DONE:
-                connection.stalled(awaitable, yielded)
         stats = self.stats
-        fast = len(connections) - slow
-        stats.messages_sent += fast
-        stats.bytes_sent += fast * (len(text) if text.isascii() else len(text.encode()))
+        stats.messages_sent += len(connections)  # Connection.deliver takes back what it queues or drops
+        stats.bytes_sent += len(connections) * (len(text) if text.isascii() else len(text.encode()))
+        # Fan out in a coroutine that awaits each socket's send: the cheapest way to call it. We step
+        # that coroutine by hand, once per event. A send that finishes at once (the socket keeps up)
+        # never leaves the loop. A send that the server pauses (flow control) makes the coroutine
+        # yield: that coroutine, with its one unfinished send, becomes the stalled socket's writer
+        # task, and a fresh coroutine carries on over the same iterator. The paused one later finds
+        # the iterator exhausted and ends. So one slow socket never delays the others, and the common
+        # case costs no task and no task switch.
+        remaining = iter(connections)
+        while True:
+            fan = _fan(remaining, message, seq)
+            try:
+                yielded = fan.send(None)
+            except StopIteration:
+                return
+            # The loop variable of the paused coroutine names the socket that stalled.
+            frame = cast("types.CoroutineType[Any, Any, None]", fan).cr_frame
+            assert frame is not None  # a suspended coroutine always has its frame
+            stalled: Connection = frame.f_locals["connection"]
+            stalled.stalled(fan, yielded)
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -265,17 +269,8 @@ class Broadcaster:
     async def establish(self, connection: Connection, last_event_id: str | None) -> None:
         """Register a connection, then queue CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events."""
         user_id = connection.user_id
-        if self.registry.add(connection):
-            self._unsubscribing.pop(user_id, None)
-        subscription = self._subscriptions.get(user_id)
-        if subscription is None:
-            subscription = self._subscriptions[user_id] = asyncio.ensure_future(self.backend.subscribe(user_id))
-        try:
-            await asyncio.shield(subscription)
-        except BaseException:
-            if self._subscriptions.get(user_id) is subscription and subscription.done():
-                del self._subscriptions[user_id]
-            raise
+        self.registry.add(connection)
+        await self._subscribe(user_id)
         if connection.mode == CLOSED:
             return
         resync_reason: str | None = None
@@ -329,6 +324,32 @@ class Broadcaster:
             self.schedule_expiry(connection)
         connection.start_queue(messages, skip_upto)
 
+    async def _subscribe(self, user_id: str) -> None:
+        """Make sure this node receives `user_id`'s events before its history is read (the resume seam).
+
+        The first connection of a user subscribes; later ones wait for that same subscription. On the
+        memory backend this never suspends, so a connection is established in one step.
+        """
+        subscription = self._subscriptions.get(user_id)
+        if subscription is not None:
+            if not subscription.done():
+                await asyncio.shield(subscription)
+            subscription.result()
+            return
+        subscription = self._subscriptions[user_id] = asyncio.get_running_loop().create_future()
+        try:
+            unsubscribing = self._unsubscribing.get(user_id)
+            if unsubscribing is not None:  # let the backend see UNSUBSCRIBE before this SUBSCRIBE
+                await asyncio.wait({unsubscribing})
+            await self.backend.subscribe(user_id)
+        except BaseException as exc:
+            if self._subscriptions.get(user_id) is subscription:
+                del self._subscriptions[user_id]
+            subscription.set_exception(exc if isinstance(exc, Exception) else RuntimeError("subscribe cancelled"))
+            subscription.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            raise
+        subscription.set_result(None)
+
     def _position_id(self, position: Position, user_id: str) -> str:
         return self._sign(position.epoch, position.seq, user_id)
 
@@ -341,15 +362,22 @@ class Broadcaster:
             self._user_activity.pop(user_id, None)
             subscription = self._subscriptions.pop(user_id, None)
             if subscription is not None and self._running:
-                self._spawn(self._unsubscribe(user_id, subscription))
+                task = asyncio.ensure_future(self._unsubscribe(user_id, subscription))
+                self._unsubscribing[user_id] = task
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
         if self.backend.kind != "memory" and self._running:
             self._spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))
 
     async def _unsubscribe(self, user_id: str, subscription: asyncio.Future[None]) -> None:
-        with contextlib.suppress(Exception):
-            await subscription
-        if user_id not in self._subscriptions:
-            await self.backend.unsubscribe(user_id)
+        try:
+            with contextlib.suppress(Exception):
+                await subscription
+            if user_id not in self._subscriptions:
+                await self.backend.unsubscribe(user_id)
+        finally:
+            if self._unsubscribing.get(user_id) is asyncio.current_task():
+                del self._unsubscribing[user_id]
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -457,6 +485,17 @@ class Broadcaster:
             "users": self.registry.users,
         }
         return (200 if self._accepting else 503), body
+
+
+async def _fan(connections: Iterator[Connection], message: Message, seq: int) -> None:
+    for connection in connections:
+        if connection.mode:  # not FAST: guarded, queued, resuming or closed
+            connection.deliver(message, seq)
+            continue
+        try:
+            await connection._send(message)
+        except Exception as exc:
+            connection.failed(exc)
 
 
 def _text(text: str) -> dict[str, Any]:

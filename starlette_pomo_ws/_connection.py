@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import sys
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Coroutine, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._events import protocol_message
@@ -28,6 +29,8 @@ RESUMING = 3  # not yet established: live events wait in `pending` until the rep
 CLOSED = 4
 
 _DONE: Any = object()
+# A send in progress that was stepped by hand: a coroutine's __await__ iterator, or a coroutine.
+_Steppable = Generator[Any, None, None] | Coroutine[Any, Any, None]
 _ids = itertools.count(1)
 
 
@@ -101,6 +104,9 @@ class Connection:
 
     def deliver(self, message: Message, seq: int) -> None:
         """Hand a fanned-out event to a connection that is not FAST (the fan-out loop does FAST itself)."""
+        # The fan-out counted this delivery as sent; push() or the writer counts it again if it is.
+        self._broadcaster.stats.messages_sent -= 1
+        self._broadcaster.stats.bytes_sent -= len(message["text"])
         mode = self.mode
         if mode == GUARDED:
             if seq <= self.skip_upto:
@@ -111,7 +117,11 @@ class Connection:
             if seq > self.skip_upto:
                 self._enqueue(message)
         elif mode == RESUMING:
-            self.pending.append((seq, message))
+            pending = self.pending
+            if len(pending) >= self._broadcaster.settings.send_queue_size:
+                self.abort(1013, "Client too slow")
+            else:
+                pending.append((seq, message))
 
     def push(self, message: Message) -> None:
         """Send now if the socket keeps up, else queue behind what is waiting."""
@@ -158,18 +168,18 @@ class Connection:
             return
         self._start_writer(None, None)
 
-    def stalled(self, awaitable: Generator[Any, None, None], yielded: Any) -> None:
+    def stalled(self, awaitable: _Steppable, yielded: Any) -> None:
         """The server paused this socket mid-send: finish that send in a writer task, queue the rest."""
         self.mode = QUEUED
         self.backlog = collections.deque()
         self._start_writer(awaitable, yielded)
 
-    def _start_writer(self, awaitable: Generator[Any, None, None] | None, yielded: Any) -> None:
+    def _start_writer(self, awaitable: _Steppable | None, yielded: Any) -> None:
         self.blocked_since = time.monotonic()
         self._broadcaster._queued[self] = None
         self._writer = asyncio.ensure_future(self._drain(awaitable, yielded))
 
-    async def _drain(self, awaitable: Generator[Any, None, None] | None, yielded: Any) -> None:
+    async def _drain(self, awaitable: _Steppable | None, yielded: Any) -> None:
         try:
             if awaitable is not None:
                 await _finish(awaitable, yielded)
@@ -278,19 +288,27 @@ class Connection:
         return False
 
 
-async def _finish(awaitable: Generator[Any, None, None], yielded: Any) -> None:
-    """Drive a send coroutine that was stepped by hand and paused: wait on what it yielded, then step on."""
+async def _finish(awaitable: _Steppable, yielded: Any) -> None:
+    """Drive a send coroutine that was stepped by hand and paused: wait on what it yielded, then step on.
+
+    The coroutine yielded a future to us rather than to a task, so we must not `await` that future
+    again (asyncio refuses a second await on a future that is still marked as yielded); we wait for it
+    to complete through a callback instead, as a task would, and then resume the coroutine.
+    """
+    loop = asyncio.get_running_loop()
     while True:
-        if yielded is None:
+        if yielded is None:  # a bare `yield` (asyncio.sleep(0)): just let the loop run once
             await asyncio.sleep(0)
         else:
-            try:
-                await yielded
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
-                pass
+            done = loop.create_future()
+            yielded.add_done_callback(functools.partial(_wake, done))
+            await done
         try:
             yielded = awaitable.send(None)
         except StopIteration:
             return
+
+
+def _wake(waiter: asyncio.Future[None], _: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

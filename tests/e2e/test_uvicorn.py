@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -263,25 +263,80 @@ async def test_a_slow_client_is_closed_with_1013_and_fast_ones_get_everything(ws
         await wait_until(lambda: pomo.broadcaster.total_connection_count() == 0, what="all released")
 
 
-async def read_close_code(sock: Any) -> int | None:
-    """Read raw frames from a socket until the close frame; return its code."""
+async def read_frames(sock: Any) -> AsyncIterator[tuple[int, bytes]]:
+    """Yield (opcode, payload) of the raw server frames on a socket whose handshake was sent."""
     loop = asyncio.get_running_loop()
     buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = await loop.sock_recv(sock, 65536)
+        assert chunk, "the server closed during the handshake"
+        buffer += chunk
+    buffer = buffer.split(b"\r\n\r\n", 1)[1]
+    while True:
+        while len(buffer) < 2 or len(buffer) < _frame_length(buffer):
+            chunk = await loop.sock_recv(sock, 1 << 20)
+            if not chunk:
+                return
+            buffer += chunk
+        size = _frame_length(buffer)
+        frame, buffer = buffer[:size], buffer[size:]
+        payload = frame[size - _payload_length(frame) :]
+        yield frame[0] & 0x0F, payload
+
+
+async def read_close_code(sock: Any) -> int | None:
+    """Read raw frames from a socket until the close frame; return its code."""
     with anyio.fail_after(30):
-        while b"\r\n\r\n" not in buffer:
-            buffer += await loop.sock_recv(sock, 65536)
-        buffer = buffer.split(b"\r\n\r\n", 1)[1]
-        while True:
-            while len(buffer) < 2 or len(buffer) < _frame_length(buffer):
-                chunk = await loop.sock_recv(sock, 1 << 20)
-                if not chunk:
-                    return None
-                buffer += chunk
-            size = _frame_length(buffer)
-            frame, buffer = buffer[:size], buffer[size:]
-            if frame[0] & 0x0F == 0x8:
-                header = size - _payload_length(frame)
-                return int.from_bytes(frame[header : header + 2], "big")
+        async for opcode, payload in read_frames(sock):
+            if opcode == 0x8:
+                return int.from_bytes(payload[:2], "big")
+    return None
+
+
+async def raw_client(port: int, user: str) -> Any:
+    """A WebSocket client on a raw socket with a tiny receive buffer, which reads only when told."""
+    import socket as socketlib
+
+    sock = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_STREAM)
+    sock.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = (
+        f"GET /ws?token={make_token(user)} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    return sock
+
+
+async def test_a_client_that_pauses_then_reads_gets_everything_in_order(ws_impl: str) -> None:
+    """A socket that the server pauses is queued, not dropped, and catches up in order once it reads."""
+    pomo = PomoWS(make_settings(send_queue_size=5000, send_timeout=30))
+    async with run_server(make_app(pomo), ws=ws_impl) as server:
+        sock = await raw_client(server.port, "pauser")
+        await wait_until(lambda: pomo.broadcaster.user_connection_count("pauser") == 1, what="connected")
+        blob = "y" * 16384
+        published = 0
+        with anyio.fail_after(30):
+            while published < 3000 and not pomo.broadcaster._queued:
+                await pomo.broadcaster.broadcast_to_user("pauser", "BULK", {"n": published, "blob": blob})
+                published += 1
+            assert pomo.broadcaster._queued, "the server never paused the socket"
+            for _ in range(50):  # these wait in the connection's queue
+                await pomo.broadcaster.broadcast_to_user("pauser", "BULK", {"n": published, "blob": blob})
+                published += 1
+            seen = []
+            async for opcode, payload in read_frames(sock):
+                assert opcode == 0x1, "text frames only"
+                event = json.loads(payload)
+                if event["type"] == "BULK":
+                    seen.append(event["data"]["n"])
+                    if len(seen) == published:
+                        break
+        sock.close()
+        assert seen == list(range(published))
+        await wait_until(lambda: not pomo.broadcaster._queued, what="the writer task finished")
 
 
 def _payload_length(frame: bytes) -> int:
