@@ -166,7 +166,23 @@ class Connection:
         if len(backlog) > self._broadcaster.settings.send_queue_size:
             self.abort(1013, "Client too slow")
             return
-        self._start_writer(None, None)
+        # Send what is waiting right away while the socket keeps up; only a paused socket gets a task.
+        stats = self._broadcaster.stats
+        while backlog:
+            message = backlog.popleft()
+            try:
+                awaitable = self._send(message).__await__()
+                yielded = next(awaitable, _DONE)
+            except Exception as exc:
+                self.failed(exc)
+                return
+            stats.messages_sent += 1
+            stats.bytes_sent += len(message["text"])
+            if yielded is not _DONE:
+                self._start_writer(awaitable, yielded)
+                return
+        self.backlog = None
+        self.mode = GUARDED if self.skip_upto else FAST
 
     def stalled(self, awaitable: _Steppable, yielded: Any) -> None:
         """The server paused this socket mid-send: finish that send in a writer task, queue the rest."""
