@@ -17,10 +17,9 @@ from ._auth import (
     Authenticate,
     JWTAuthenticator,
     Principal,
-    bearer_subprotocol,
     origin_allowed,
 )
-from ._broadcaster import Broadcaster, _text
+from ._broadcaster import Broadcaster, _text, fit_reason
 from ._connection import CLOSED, Connection
 from ._events import CursorSigner, iso_timestamp, protocol_message
 from ._lifespan import install_bare_route
@@ -199,8 +198,8 @@ class PomoWS:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         broadcaster = self.broadcaster
         settings = self.settings
-        subprotocols = list(scope.get("subprotocols") or ())
-        subprotocol = "bearer" if bearer_subprotocol(subprotocols) is not None or "bearer" in subprotocols else None
+        # Select "bearer" spelled as the client offered it: a client refuses a subprotocol it did not offer.
+        subprotocol = next((name for name in scope.get("subprotocols") or () if name.lower() == "bearer"), None)
         if not broadcaster.accepting:
             if not broadcaster.running:
                 logger.error("%s", ConfigurationError.__name__ + ": " + _not_started_hint())
@@ -233,16 +232,24 @@ class PomoWS:
             await _refuse(send, subprotocol, 1011, "Internal error")
             return
         connection = Connection(broadcaster, principal, send, scope)
-        if not await broadcaster.admit(connection):
+        try:
+            admitted = await broadcaster.admit(connection)
+        except Exception:
+            logger.exception("Could not admit a connection for user %s", principal.user_id)
+            broadcaster.stats.rejected["error"] += 1
+            await _refuse(send, subprotocol, 1011, "Internal error")
+            return
+        if not admitted:
             logger.info("Refused connection for user %s: too many connections", principal.user_id)
             broadcaster.stats.rejected["limit"] += 1
             await _refuse(send, subprotocol, 1008, "Too many connections for this user")
             return
-        await send({"type": "websocket.accept", "subprotocol": subprotocol})
-        broadcaster.stats.accepted += 1
-        connection.bind_reader()
-        logger.info("WebSocket connected: user %s, connection %s", connection.user_id, connection.id)
         try:
+            await send({"type": "websocket.accept", "subprotocol": subprotocol})
+            broadcaster.stats.accepted += 1
+            connection.bind_reader()
+            await connection.close_after_accept()
+            logger.info("WebSocket connected: user %s, connection %s", connection.user_id, connection.id)
             try:
                 last_event_id = connection_info.query_params.get("last_event_id")
                 await broadcaster.establish(connection, last_event_id)
@@ -256,7 +263,7 @@ class PomoWS:
 
     async def _read(self, connection: Connection, receive: Receive) -> None:
         max_size = self.settings.max_message_size
-        while True:
+        while not connection.dead:
             try:
                 message = await receive()
             except BaseException as exc:
@@ -274,24 +281,30 @@ class PomoWS:
             if text is None:
                 if len(message.get("bytes") or b"") > max_size:
                     connection.abort(1009, "Message too big")
-                else:
+                elif self._within_rate(connection):
                     _error(connection, "binary_not_supported", "Binary frames are not supported; send JSON text.")
                 continue
             if len(text) > max_size // 4 and len(text.encode()) > max_size:
                 connection.abort(1009, "Message too big")
                 continue
-            if not connection.take_token(time.monotonic()):
-                if connection.strikes >= _MAX_STRIKES:
-                    connection.abort(1008, "Too many messages")
-                else:
-                    _error(connection, "rate_limited", "Too many messages; slow down.")
-                continue
-            await self._handle(connection, text)
+            if self._within_rate(connection):
+                await self._handle(connection, text)
+
+    @staticmethod
+    def _within_rate(connection: Connection) -> bool:
+        """Take a token from the connection's bucket; over the rate, answer ERROR, and close a flood with 1008."""
+        if connection.take_token(time.monotonic()):
+            return True
+        if connection.strikes >= _MAX_STRIKES:
+            connection.abort(1008, "Too many messages")
+        else:
+            _error(connection, "rate_limited", "Too many messages; slow down.")
+        return False
 
     async def _handle(self, connection: Connection, text: str) -> None:
         try:
             payload = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             _error(connection, "invalid_json", "Messages must be JSON.")
             return
         if not isinstance(payload, dict):
@@ -342,7 +355,6 @@ class PomoWS:
             return
         connection.principal = principal
         connection.expires_at = principal.expires_at
-        connection.expiry_token = -1
         self.broadcaster.schedule_expiry(connection)
         expires = iso_timestamp(principal.expires_at) if principal.expires_at is not None else None
         connection.push(_text(protocol_message("TOKEN_REFRESHED", connection.user_id, {"expiresAt": expires})))
@@ -374,4 +386,4 @@ async def _refuse(send: Send, subprotocol: str | None, code: int, reason: str) -
     # Accept, then close: under uvicorn a close before accept becomes HTTP 403 and the reason is lost.
     accept: Message = {"type": "websocket.accept", "subprotocol": subprotocol}
     await send(accept)
-    await send({"type": "websocket.close", "code": code, "reason": reason})
+    await send({"type": "websocket.close", "code": code, "reason": fit_reason(reason)})

@@ -62,6 +62,7 @@ class Broadcaster:
         self._queued: dict[Connection, None] = {}
         self._closers: set[asyncio.Task[None]] = set()
         self._expiries: list[tuple[float, int, int, Connection]] = []
+        self._dead_expiries = 0  # entries of closed connections or replaced tokens, still in the heap
         self._expiry_ids = itertools.count()
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -216,7 +217,7 @@ class Broadcaster:
             BackendUnavailable: the backend cannot be reached.
         """
         self._check_running()
-        reason = _fit_reason(reason)
+        reason = fit_reason(reason)
         await self.backend.send_control("disconnect_user", f"{user_id}\n{reason}")
 
     def _on_control(self, kind: str, argument: str) -> None:
@@ -257,19 +258,24 @@ class Broadcaster:
     # -- connections (used by the ASGI app) -----------------------------------------------------------
 
     async def admit(self, connection: Connection) -> bool:
-        """Count a new connection against `max_connections_per_user` (cluster-wide where the backend shares)."""
+        """Reserve a slot under `max_connections_per_user` (cluster-wide where the backend shares) and
+        register the connection; False when the user has no slot left. The caller must `release()` it."""
+        limit = self.settings.max_connections_per_user
         if self.backend.kind == "memory":
-            return self.registry.user_count(connection.user_id) < self.settings.max_connections_per_user
-        count = await self.backend.add_presence(self.node_id, connection.user_id, connection.id)
-        if count > self.settings.max_connections_per_user:
-            await self.backend.remove_presence(self.node_id, connection.user_id, connection.id)
-            return False
+            if self.registry.user_count(connection.user_id) >= limit:
+                return False
+        else:
+            count = await self.backend.add_presence(self.node_id, connection.user_id, connection.id)
+            if count > limit:
+                await self.backend.remove_presence(self.node_id, connection.user_id, connection.id)
+                return False
+        # Registered at once, still RESUMING: a concurrent handshake of the same user sees the slot taken.
+        self.registry.add(connection)
         return True
 
     async def establish(self, connection: Connection, last_event_id: str | None) -> None:
-        """Register a connection, then queue CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events."""
+        """Subscribe, then send CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events."""
         user_id = connection.user_id
-        self.registry.add(connection)
         await self._subscribe(user_id)
         if connection.mode == CLOSED:
             return
@@ -327,28 +333,31 @@ class Broadcaster:
     async def _subscribe(self, user_id: str) -> None:
         """Make sure this node receives `user_id`'s events before its history is read (the resume seam).
 
-        The first connection of a user subscribes; later ones wait for that same subscription. On the
-        memory backend this never suspends, so a connection is established in one step.
+        The first connection of a user subscribes; later ones wait for that same subscription (and try
+        themselves if its subscriber was cancelled). On the memory backend this never suspends.
         """
-        subscription = self._subscriptions.get(user_id)
-        if subscription is not None:
+        while (subscription := self._subscriptions.get(user_id)) is not None:
             if not subscription.done():
-                await asyncio.shield(subscription)
-            subscription.result()
-            return
-        subscription = self._subscriptions[user_id] = asyncio.get_running_loop().create_future()
+                await asyncio.wait({subscription})
+            if not subscription.cancelled():
+                subscription.result()  # raises the subscriber's error, if it had one
+                return
+        own = self._subscriptions[user_id] = asyncio.get_running_loop().create_future()
         try:
             unsubscribing = self._unsubscribing.get(user_id)
             if unsubscribing is not None:  # let the backend see UNSUBSCRIBE before this SUBSCRIBE
                 await asyncio.wait({unsubscribing})
             await self.backend.subscribe(user_id)
         except BaseException as exc:
-            if self._subscriptions.get(user_id) is subscription:
+            if self._subscriptions.get(user_id) is own:
                 del self._subscriptions[user_id]
-            subscription.set_exception(exc if isinstance(exc, Exception) else RuntimeError("subscribe cancelled"))
-            subscription.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            if isinstance(exc, Exception):
+                own.set_exception(exc)
+                own.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            else:
+                own.cancel()
             raise
-        subscription.set_result(None)
+        own.set_result(None)
 
     def _position_id(self, position: Position, user_id: str) -> str:
         return self._sign(position.epoch, position.seq, user_id)
@@ -356,6 +365,8 @@ class Broadcaster:
     def _release(self, connection: Connection) -> None:
         """Forget a closed connection (called once, synchronously, by Connection.release)."""
         self.stats.disconnects[connection.close_code] += 1
+        if connection.expiry_token >= 0:
+            self._forget_expiry(connection)
         self._queued.pop(connection, None)
         user_id = connection.user_id
         if self.registry.remove(connection):
@@ -371,8 +382,7 @@ class Broadcaster:
 
     async def _unsubscribe(self, user_id: str, subscription: asyncio.Future[None]) -> None:
         try:
-            with contextlib.suppress(Exception):
-                await subscription
+            await asyncio.wait({subscription})  # whatever its outcome, undo what it may have done
             if user_id not in self._subscriptions:
                 await self.backend.unsubscribe(user_id)
         finally:
@@ -392,6 +402,9 @@ class Broadcaster:
     # -- timers: one shared ticker for heartbeats, token expiry and send timeouts ---------------------
 
     def schedule_expiry(self, connection: Connection) -> None:
+        """(Re)arm the TOKEN_EXPIRING warning and the expiry close for the connection's current token."""
+        if connection.expiry_token >= 0:  # a refresh: the old token's entries are garbage now
+            self._forget_expiry(connection)
         expires_at = connection.expires_at
         if expires_at is None:
             return
@@ -404,6 +417,19 @@ class Broadcaster:
             heapq.heappush(self._expiries, (warn_at, token, _WARN, connection))
         heapq.heappush(self._expiries, (deadline + settings.jwt_leeway, token, _EXPIRE, connection))
         connection.expiry_token = token
+
+    def _forget_expiry(self, connection: Connection) -> None:
+        """Count a connection's timer entries as garbage; compact the heap once garbage is half of it.
+
+        So closed connections (and their scopes) never pile up in the timers, whatever the churn.
+        """
+        connection.expiry_token = -1
+        self._dead_expiries += 2
+        heap = self._expiries
+        if self._dead_expiries * 2 >= len(heap):
+            heap[:] = [entry for entry in heap if entry[3].mode != CLOSED and entry[3].expiry_token == entry[1]]
+            heapq.heapify(heap)
+            self._dead_expiries = 0
 
     def _tick_interval(self) -> float:
         settings = self.settings
@@ -457,10 +483,6 @@ class Broadcaster:
                 )
             else:
                 connection.abort(1008, "Authentication token expired")
-        if len(heap) > 2 * self.registry.total + 64:
-            # Closed connections leave entries behind; drop them so churn cannot grow the heap.
-            heap[:] = [entry for entry in heap if entry[3].mode != CLOSED and entry[3].expiry_token == entry[1]]
-            heapq.heapify(heap)
 
     def _send_heartbeats(self, now: float) -> None:
         interval = self.settings.heartbeat_interval
@@ -502,7 +524,7 @@ def _text(text: str) -> dict[str, Any]:
     return {"type": "websocket.send", "text": text}
 
 
-def _fit_reason(reason: str) -> str:
+def fit_reason(reason: str) -> str:
     """A close reason may hold at most 123 bytes of UTF-8."""
     encoded = reason.encode()
     if len(encoded) <= 123:

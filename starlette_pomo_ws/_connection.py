@@ -46,14 +46,17 @@ class Connection:
     __slots__ = (
         "_broadcaster",
         "_closing",
+        "_dead",
         "_reader",
         "_send",
         "_writer",
+        "accepted",
         "backlog",
         "blocked_since",
         "bucket",
         "bucket_time",
         "close_code",
+        "close_reason",
         "expires_at",
         "expiry_token",
         "id",
@@ -83,6 +86,8 @@ class Connection:
         self.expires_at = principal.expires_at
         self.expiry_token = -1
         self.close_code = 1006  # until a close says otherwise: the peer vanished
+        self.close_reason = ""
+        self.accepted = False
         settings = broadcaster.settings
         self.bucket = float(settings.client_message_burst)
         self.bucket_time = self.last_sent
@@ -90,6 +95,7 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[Any] | None = None
         self._closing = False
+        self._dead = False  # the transport is gone: the reader must stop waiting on receive()
 
     def __repr__(self) -> str:
         return f"<Connection id={self.id!r} user_id={self.user_id!r}>"
@@ -238,15 +244,24 @@ class Connection:
             return
         self._closing = True
         self.close_code = code
+        self.close_reason = reason
         if code == 1013:
             self._broadcaster.stats.slow_closes += 1
             logger.warning("Closing connection %s (user %s): client too slow", self.id, self.user_id)
         else:
             logger.info("Closing connection %s (user %s) with %d: %s", self.id, self.user_id, code, reason)
         self.release()
+        if not self.accepted:
+            return  # still in the handshake: the handler sends this close once it has accepted
         task = asyncio.ensure_future(self._close(code, reason))
         self._broadcaster._closers.add(task)
         task.add_done_callback(self._broadcaster._closers.discard)
+
+    async def close_after_accept(self) -> None:
+        """Send the close that `abort()` decided during the handshake, now that the socket is accepted."""
+        self.accepted = True
+        if self.mode == CLOSED and self._closing:
+            await self._close(self.close_code, self.close_reason)
 
     async def _close(self, code: int, reason: str) -> None:
         timeout = self._broadcaster.settings.send_timeout
@@ -268,9 +283,16 @@ class Connection:
             writer.cancel()
         self._broadcaster._release(self)
 
+    @property
+    def dead(self) -> bool:
+        """Whether the transport failed, so that the reader should return rather than receive."""
+        return self._dead
+
     def _wake_reader(self) -> None:
         # The reader waits in the server's receive(); when no close frame can reach the peer, cancel
-        # that wait so the handler returns and the server drops the transport.
+        # that wait so the handler returns and the server drops the transport. When the reader itself
+        # found the failure, the flag alone stops it before its next receive().
+        self._dead = True
         reader = self._reader
         if reader is not None and reader is not asyncio.current_task() and not reader.done():
             self._closing = True

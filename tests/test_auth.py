@@ -91,12 +91,13 @@ def test_algorithm_confusion_is_refused(rsa_keys: tuple[bytes, str]) -> None:
     assert refusal(app, f"/ws?token={forged}") == (1008, "Invalid authentication token")
 
 
+# Times are offsets from the moment the test runs (parametrize values are built at collection).
 @pytest.mark.parametrize(
     ("settings", "claims", "reason"),
     [
-        ({}, {"exp": int(time.time()) - 5}, "Authentication token expired"),
-        ({"jwt_leeway": 60}, {"exp": int(time.time()) - 5}, None),
-        ({}, {"nbf": int(time.time()) + 60}, "Invalid authentication token"),
+        ({}, {"exp": -5}, "Authentication token expired"),
+        ({"jwt_leeway": 60}, {"exp": -5}, None),
+        ({}, {"nbf": 60}, "Invalid authentication token"),
         ({"jwt_audience": "pomo"}, {"aud": "other"}, "Invalid authentication token"),
         ({"jwt_audience": "pomo"}, {"aud": "pomo"}, None),
         ({"jwt_audience": "pomo"}, {}, "Invalid authentication token"),
@@ -111,7 +112,10 @@ def test_algorithm_confusion_is_refused(rsa_keys: tuple[bytes, str]) -> None:
     ],
 )
 def test_claims_are_enforced(settings: dict[str, Any], claims: dict[str, Any], reason: str | None) -> None:
-    payload: dict[str, Any] = {"userId": "u1", "exp": int(time.time()) + 60, **claims}
+    now = int(time.time())
+    payload: dict[str, Any] = {"userId": "u1", "exp": now + 60}
+    for claim, value in claims.items():
+        payload[claim] = now + value if claim in ("exp", "nbf") and value is not None else value
     payload = {k: v for k, v in payload.items() if v is not None}
     token = jwt.encode(payload, SECRET, algorithm="HS256")
     app = make_app(PomoWS(make_settings(**settings)))
