@@ -170,11 +170,7 @@ class PomoWS:
             await self.metrics_app(scope, receive, send)
             return
         elif path == "/client.js":
-            source = resources.files("starlette_pomo_ws").joinpath("static/pomo-ws.js")
-            try:
-                content = source.read_bytes()
-            except FileNotFoundError:
-                content = b""
+            content = resources.files("starlette_pomo_ws").joinpath("static/pomo-ws.js").read_bytes()
             response = Response(content, media_type="text/javascript", headers={"cache-control": "no-cache"})
         else:
             response = JSONResponse({"detail": "Not Found"}, status_code=404)
