@@ -195,7 +195,7 @@ class PomoWS:
         broadcaster = self.broadcaster
         settings = self.settings
         # Select "bearer" spelled as the client offered it: a client refuses a subprotocol it did not offer.
-        subprotocol = next((name for name in scope.get("subprotocols") or () if name.lower() == "bearer"), None)
+        subprotocol = next((name for name in scope.get("subprotocols") or () if name.strip().lower() == "bearer"), None)
         if not broadcaster.accepting:
             if not broadcaster.running:
                 logger.error("%s", ConfigurationError.__name__ + ": " + _not_started_hint())

@@ -57,8 +57,9 @@ class Authenticate(Protocol):
 def bearer_subprotocol(subprotocols: list[str]) -> str | None:
     """The token of a `["bearer", token]` subprotocol pair, if the client offered one."""
     for index, name in enumerate(subprotocols[:-1]):
-        if name.lower() == "bearer":
-            return subprotocols[index + 1]
+        if name.strip().lower() == "bearer":
+            # Some clients split the header on "," without stripping; a token never has spaces.
+            return subprotocols[index + 1].strip()
     return None
 
 

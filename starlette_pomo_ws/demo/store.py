@@ -237,7 +237,8 @@ class Store:
     def update_settings(self, user_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         merged = {**self.get_settings(user_id), **changes}
         self._query(
-            "INSERT INTO settings (user_id, data) VALUES (?, ?) ON CONFLICT (user_id) DO UPDATE SET data = excluded.data",
+            "INSERT INTO settings (user_id, data) VALUES (?, ?) "
+            "ON CONFLICT (user_id) DO UPDATE SET data = excluded.data",
             (user_id, json.dumps(merged)),
         )
         return merged

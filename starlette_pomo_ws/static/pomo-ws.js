@@ -94,7 +94,8 @@ export class PomoSocket {
     this._everOpened = false;
     this._seen = new Set();
     this._seenOrder = [];
-    this._pending = null;
+    this._pendingOpen = null;
+    this._onOnline = null;
     this.lastClose = null;
   }
 
@@ -131,6 +132,12 @@ export class PomoSocket {
     this._stopped = false;
     this._attempt = 0;
     this._authFailures = 0;
+    this._everOpened = false;
+    if (typeof globalThis.addEventListener === "function" && !this._onOnline) {
+      // Back online: skip the rest of the backoff.
+      this._onOnline = () => this._reconnectNow();
+      globalThis.addEventListener("online", this._onOnline);
+    }
     this._open(false, null);
     return this;
   }
@@ -139,6 +146,7 @@ export class PomoSocket {
   close(reason = "Client closed") {
     this._stopped = true;
     this._clearTimers();
+    this._removeOnline();
     this._detach(1000, reason);
     this._setStatus(Status.CLOSED, { code: 1000, reason });
   }
@@ -302,6 +310,7 @@ export class PomoSocket {
 
     if (!willReconnect) {
       this._stopped = true;
+      this._removeOnline();
       this._emit("close", { code, reason, willReconnect: false, delay: null });
       this._setStatus(Status.CLOSED, { code, reason });
       return;
@@ -318,11 +327,24 @@ export class PomoSocket {
     this._attempt += 1;
     this._setStatus(Status.RECONNECTING, { delay });
     clearTimeout(this._reconnectTimer);
-    this._reconnectTimer = setTimeout(() => {
-      this._reconnectTimer = null;
-      if (!this._stopped) this._open(refresh, reason);
-    }, delay);
+    this._pendingOpen = [refresh, reason];
+    this._reconnectTimer = setTimeout(() => this._reconnectNow(), delay);
     return delay;
+  }
+
+  _reconnectNow() {
+    if (this._stopped || this._reconnectTimer === null) return;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    const [refresh, reason] = this._pendingOpen || [false, null];
+    this._open(refresh, reason);
+  }
+
+  _removeOnline() {
+    if (this._onOnline && typeof globalThis.removeEventListener === "function") {
+      globalThis.removeEventListener("online", this._onOnline);
+    }
+    this._onOnline = null;
   }
 
   _detach(code, reason) {

@@ -66,7 +66,12 @@ function renderTimer() {
   if (timer.textContent !== text) timer.textContent = text;
   timer.dataset.remaining = String(remaining);
   timer.dataset.running = session ? "true" : "false";
+  const task = session && session.taskId ? state.tasks.get(session.taskId) : null;
   $("#session-type").textContent = session ? session.type.replace("_", " ") : "ready";
+  $("#focus-task").textContent = task ? task.title : "";
+  for (const item of document.querySelectorAll("#tasks li")) {
+    item.classList.toggle("active", Boolean(task) && item.dataset.taskId === task.id);
+  }
   $("#start").hidden = Boolean(session);
   $("#stop").hidden = !session;
   document.title = session ? `${text} · Pomofocus demo` : "Pomofocus demo";

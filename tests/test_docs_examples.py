@@ -1,0 +1,239 @@
+"""Every snippet in docs/examples runs: import it, connect in-process, broadcast, receive."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import inspect
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from starlette_pomo_ws import BackendUnavailable, NotStartedError, PomoWS, Settings
+from starlette_pomo_ws.testing import PomoTestClient
+
+from .conftest import SECRET, make_settings, make_token
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+ROOT = EXAMPLES.parent.parent
+
+LoadExample = Callable[[str], ModuleType]
+
+
+@pytest.fixture
+def load_example(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoadExample]:
+    """Import a fresh copy of an example module, with the secret in the environment as a user would set it."""
+    monkeypatch.setenv("POMO_WS_JWT_SECRET", SECRET)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+    def load(name: str) -> ModuleType:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        return importlib.import_module(name)
+
+    yield load
+
+
+def test_every_example_is_exercised() -> None:
+    """A new snippet needs a test here."""
+    tested = {name.removeprefix("test_") for name, _ in inspect.getmembers(sys.modules[__name__], inspect.isfunction)}
+    for path in EXAMPLES.glob("*.py"):
+        assert path.stem in tested, f"docs/examples/{path.name} has no test_{path.stem} in {__name__}"
+
+
+def test_every_example_is_shown_in_the_docs() -> None:
+    pages = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs").glob("*.md"))
+    for path in EXAMPLES.glob("*.py"):
+        assert f"docs/examples/{path.name}" in pages, f"docs/examples/{path.name} is not included in any page"
+
+
+def test_the_settings_page_lists_every_field() -> None:
+    """Each field appears in the uvicorn-style format, with its environment variable and a default."""
+    page = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
+    for field in dataclasses.fields(Settings):
+        entry = f"* `{field.name}` (`POMO_WS_{field.name.upper()}`) \N{EN DASH} "
+        assert entry in page, f"docs/settings.md has no entry for {field.name!r}"
+        text = page.split(entry, 1)[1].split("\n* ", 1)[0].split("\n\n", 1)[0]
+        assert "**Default:** *" in text, f"docs/settings.md gives no default for {field.name!r}"
+
+
+def test_the_release_notes_are_the_changelog() -> None:
+    """The docs show CHANGELOG.md itself, so the two cannot drift apart."""
+    page = (ROOT / "docs" / "release-notes.md").read_text(encoding="utf-8")
+    assert '--8<-- "CHANGELOG.md"' in page
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert "## [Unreleased]" in changelog
+
+
+def _task_roundtrip(app: Any, path: str = "/tasks", **post: Any) -> None:
+    token = make_token("alice")
+    with TestClient(app) as client:
+        with client.websocket_connect(f"/ws?token={token}") as ws:
+            established = ws.receive_json()
+            assert established["type"] == "CONNECTION_ESTABLISHED"
+            response = client.post(path, json={"title": "Write the docs"}, **post)
+            assert response.status_code == 201, response.text
+            event = ws.receive_json()
+        assert event["type"] == "TASK_CREATED"
+        assert event["userId"] == "alice"
+        assert event["data"]["title"] == "Write the docs"
+        assert isinstance(event["id"], str)
+
+
+def test_starlette_app(load_example: LoadExample) -> None:
+    _task_roundtrip(load_example("starlette_app").app, headers={"x-user-id": "alice"})
+
+
+def test_fastapi_app(load_example: LoadExample) -> None:
+    _task_roundtrip(load_example("fastapi_app").app, headers={"x-user-id": "alice"})
+
+
+def test_litestar_app(load_example: LoadExample) -> None:
+    _task_roundtrip(load_example("litestar_app").app, headers={"x-user-id": "alice"})
+
+
+def test_compose_lifespan(load_example: LoadExample) -> None:
+    module = load_example("compose_lifespan")
+    _task_roundtrip(module.app, path="/users/alice/tasks")
+    with TestClient(module.app) as client:
+        assert client.post("/users/bob/tasks", json={"title": "a"}).json() == {"count": 1}
+        assert client.get("/ws/health").json()["status"] == "ok"
+
+
+@pytest.mark.anyio
+async def test_custom_auth(load_example: LoadExample) -> None:
+    module = load_example("custom_auth")
+    module.SESSIONS.update({"s-alice": ("alice", time.time() + 300), "s-old": ("alice", time.time() - 1)})
+    async with PomoTestClient(module.app) as client:
+        async with client.connect(path="/ws?session=s-alice", origin="https://app.example.com") as ws:
+            assert ws.established is not None and ws.established["userId"] == "alice"
+            await client.broadcaster.broadcast_to_user("alice", "SESSION_START", {"minutes": 25})
+            await ws.expect("SESSION_START", data={"minutes": 25})
+            module.SESSIONS["s-alice-2"] = ("alice", time.time() + 600)
+            await ws.send_json({"type": "REFRESH_TOKEN", "data": {"token": "s-alice-2"}})
+            refreshed = await ws.expect("TOKEN_REFRESHED")
+            assert refreshed["data"]["expiresAt"].endswith("Z")
+        async with client.connect(token="s-alice", token_via="header") as ws:
+            assert ws.established is not None and ws.established["userId"] == "alice"
+        for query, reason in [
+            ("", "No authentication token provided"),
+            ("?session=nope", "Invalid authentication token"),
+            ("?session=s-old", "Authentication token expired"),
+        ]:
+            async with client.connect(path="/ws" + query, wait_established=False) as ws:
+                await ws.expect_close(1008, reason)
+        async with client.connect(
+            path="/ws?session=s-alice", origin="https://evil.example", wait_established=False
+        ) as ws:
+            await ws.expect_close(1008, "Origin not allowed")
+
+
+@pytest.mark.anyio
+async def test_background_job(load_example: LoadExample, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BREAK_REMINDER_SECONDS", "0.05")
+    module = load_example("background_job")
+    async with PomoTestClient(module.app) as client, client.connect("alice") as ws:
+        await ws.expect("NOTIFICATION", data={"message": "Time for a break"}, user_id=None)
+        await module.end_session("alice", 25)
+        await ws.expect("SESSION_END", data={"minutes": 25}, skip=("HEARTBEAT", "NOTIFICATION"))
+
+
+@pytest.mark.anyio
+async def test_background_job_survives_an_unavailable_backend(
+    load_example: LoadExample, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("BREAK_REMINDER_SECONDS", "0.01")
+    module = load_example("background_job")
+
+    async def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise BackendUnavailable("down")
+
+    async with PomoTestClient(module.app):
+        monkeypatch.setattr(module.pomo.broadcaster, "broadcast_to_all", unavailable)
+        with caplog.at_level("WARNING", logger=module.__name__):
+            deadline = time.monotonic() + 2
+            while "Break reminder not sent" not in caplog.text:
+                assert time.monotonic() < deadline, "the job did not log the unavailable backend"
+                await asyncio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_testing_example(load_example: LoadExample) -> None:
+    load_example("starlette_app")
+    module = load_example("testing_example")
+    tests = [f for name, f in inspect.getmembers(module, inspect.iscoroutinefunction) if name.startswith("test_")]
+    assert len(tests) == 4
+    for test in tests:
+        await test()
+
+
+def test_litestar_dependency(load_example: LoadExample) -> None:
+    if not hasattr(pytest.importorskip("litestar.di"), "NamedDependency"):
+        pytest.skip("NamedDependency needs Litestar 2.23 or later")
+    app = load_example("litestar_dependency").app
+    with TestClient(app) as client, client.websocket_connect(f"/ws/?token={make_token('alice')}") as ws:
+        assert ws.receive_json()["type"] == "CONNECTION_ESTABLISHED"
+        response = client.post("/announcements")
+        assert response.status_code == 202, response.text
+        event = ws.receive_json()
+        assert (event["type"], event["userId"]) == ("NOTIFICATION", None)
+
+
+@pytest.mark.anyio
+async def test_the_lifespan_page_claims() -> None:
+    """docs/lifespan.md: what happens when pomo.lifespan was never wired, and that starting twice is harmless."""
+    pomo = PomoWS(make_settings())
+    unwired = Starlette()
+    unwired.mount("/ws", pomo)
+    async with PomoTestClient(unwired, run_lifespan=False) as client:
+        with pytest.raises(NotStartedError, match=r"pomo\.lifespan was never started"):
+            await pomo.broadcaster.broadcast_to_user("u1", "TASK_CREATED")
+        async with client.connect("u1", path="/ws/", wait_established=False) as ws:
+            await ws.expect_close(1011, "Internal error")
+        health = await client.http.get("/ws/health")
+        assert health.status_code == 503 and "Lifespan composition" in health.json()["error"]
+
+    wired = Starlette(lifespan=pomo.lifespan)
+    wired.mount("/ws", pomo)
+    async with PomoTestClient(wired) as client:
+        async with pomo.lifespan(wired):  # a second start: counted, harmless
+            pass
+        assert pomo.broadcaster.running
+        async with client.connect("u1", path="/ws") as ws:  # the bare path
+            await client.broadcaster.broadcast_to_user("u1", "TASK_CREATED")
+            await ws.expect("TASK_CREATED")
+    assert not pomo.broadcaster.running
+
+
+def test_the_wire_protocol_page_lists_every_error_code_and_close_reason() -> None:
+    """Every `ERROR` code and close reason in the package's source is in docs/wire-protocol.md."""
+    package = ROOT / "starlette_pomo_ws"
+    source = "\n".join(p.read_text(encoding="utf-8") for p in package.glob("*.py"))
+    page = (ROOT / "docs" / "wire-protocol.md").read_text(encoding="utf-8")
+    codes = set(re.findall(r'_error\(\s*connection,\s*"([a-z_]+)"', source))
+    assert {"invalid_json", "unknown_type", "rate_limited"} <= codes
+    for code in codes:
+        assert f"| `{code}` |" in page, f"ERROR code {code!r} is not in docs/wire-protocol.md"
+    reasons = set(re.findall(r'(?:abort|_refuse)\([^)]*?(1\d{3}),\s*"([^"]+)"\)', source))
+    assert ("1013", "Client too slow") in reasons
+    for code, reason in reasons:
+        row = next(
+            (line for line in page.splitlines() if line.startswith(f"| {code} |") and f"`{reason}`" in line), None
+        )
+        assert row is not None, f"close {code} {reason!r} is not in the close-code table of docs/wire-protocol.md"
+
+
+def test_the_readme_links_resolve() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)\)", readme)
+    assert "docs/quickstart.md" in links
+    for link in links:
+        assert (ROOT / link).is_file(), f"README.md links to {link}, which does not exist"
