@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._app import PomoWS
+from ._app import OnMessage, PomoWS
 from ._auth import Authenticate, Principal
 from ._broadcaster import Broadcaster
 from ._connection import Connection
@@ -23,6 +23,7 @@ __all__ = [
     "Event",
     "EventType",
     "NotStartedError",
+    "OnMessage",
     "PomoWS",
     "PomoWSError",
     "Position",

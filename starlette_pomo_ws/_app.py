@@ -49,6 +49,10 @@ class PomoWS:
             `HTTPConnection` and returns a `Principal`, or raises `AuthenticationError(reason)`.
         on_message: receives client messages of types the protocol does not handle itself.
 
+    Attributes:
+        settings: the settings in force.
+        broadcaster: the `Broadcaster`, also for code outside requests (background jobs).
+
     Example:
         ```python
         pomo = PomoWS(Settings(jwt_secret=...))

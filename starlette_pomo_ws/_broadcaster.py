@@ -51,12 +51,12 @@ class Broadcaster:
     Get it as `request.state.broadcaster`, `Depends(get_broadcaster)`, or `pomo.broadcaster`.
     """
 
-    def __init__(self, settings: Settings, backend: Backend, signer: CursorSigner | None = None) -> None:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
         self.node_id = secrets.token_hex(4)
         self.registry = Registry()
-        self._signer = signer
+        self._signer: CursorSigner | None = None
         self._running = False
         self._accepting = False
         self._queued: dict[Connection, None] = {}
@@ -80,6 +80,7 @@ class Broadcaster:
 
     @property
     def running(self) -> bool:
+        """Whether `pomo.lifespan` started the broadcaster (and it has not stopped)."""
         return self._running
 
     @property
@@ -88,6 +89,7 @@ class Broadcaster:
         return self._accepting
 
     async def start(self, signer: CursorSigner) -> None:
+        """Start the backend and the shared timers; `signer` signs the resume cursors."""
         self._signer = signer
         await self.backend.start(self._on_record, self._on_control)
         self._running = True
@@ -213,8 +215,13 @@ class Broadcaster:
     async def disconnect_user(self, user_id: str, reason: str = "Disconnected by the server") -> None:
         """Close every connection of `user_id`, on every node, with code 1000 (logout, revoked access).
 
+        Args:
+            user_id: the user to disconnect.
+            reason: the close reason the clients see (cut to the 123 bytes a close frame allows).
+
         Raises:
             BackendUnavailable: the backend cannot be reached.
+            NotStartedError: `pomo.lifespan` was never started.
         """
         self._check_running()
         reason = fit_reason(reason)
@@ -234,7 +241,12 @@ class Broadcaster:
     # -- counts ---------------------------------------------------------------------------------------
 
     def user_connection_count(self, user_id: str) -> int:
-        """Connections of `user_id` in this process."""
+        """Connections of `user_id` in this process.
+
+        A connection counts from the moment its handshake is admitted (so that `max_connections_per_user`
+        holds for concurrent handshakes); it receives the events published after the position its
+        CONNECTION_ESTABLISHED carries.
+        """
         return self.registry.user_count(str(user_id))
 
     def total_connection_count(self) -> int:

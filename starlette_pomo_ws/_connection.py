@@ -41,6 +41,12 @@ class Connection:
     When that step does not finish (the server's flow control paused the socket), the unfinished send
     moves to a writer task, and later events wait in a bounded `backlog` until the socket drains.
     `on_message` handlers receive this object: use `user_id`, `principal` and `await send(type, data)`.
+
+    Attributes:
+        user_id: the authenticated user (always a string).
+        principal: the `Principal` from the handshake, or from the last `REFRESH_TOKEN`.
+        id: this connection's id, `<node>-<n>`, as the logs show it.
+        scope: the ASGI scope of the handshake.
     """
 
     __slots__ = (
