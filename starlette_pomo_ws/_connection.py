@@ -144,6 +144,11 @@ class Connection:
         if mode == CLOSED:
             return
         self.last_sent = time.monotonic()
+        self._step(message)
+
+    def _step(self, message: Message) -> bool | None:
+        """Send one message at once: True when it went out, False when the transport failed, None when
+        the server paused the socket mid-send (the unfinished send then belongs to a new writer task)."""
         stats = self._broadcaster.stats
         stats.messages_sent += 1
         stats.bytes_sent += len(message["text"])
@@ -152,9 +157,11 @@ class Connection:
             yielded = next(awaitable, _DONE)
         except Exception as exc:
             self.failed(exc)
-            return
-        if yielded is not _DONE:
-            self.stalled(awaitable, yielded)
+            return False
+        if yielded is _DONE:
+            return True
+        self.stalled(awaitable, yielded)
+        return None
 
     def _enqueue(self, message: Message) -> None:
         backlog = self.backlog
@@ -179,27 +186,17 @@ class Connection:
             self.abort(1013, "Client too slow")
             return
         # Send what is waiting right away while the socket keeps up; only a paused socket gets a task.
-        stats = self._broadcaster.stats
         while backlog:
-            message = backlog.popleft()
-            try:
-                awaitable = self._send(message).__await__()
-                yielded = next(awaitable, _DONE)
-            except Exception as exc:
-                self.failed(exc)
-                return
-            stats.messages_sent += 1
-            stats.bytes_sent += len(message["text"])
-            if yielded is not _DONE:
-                self._start_writer(awaitable, yielded)
-                return
+            if not self._step(backlog.popleft()):
+                return  # failed, or paused: the writer task sends the rest
         self.backlog = None
         self.mode = GUARDED if self.skip_upto else FAST
 
     def stalled(self, awaitable: _Steppable, yielded: Any) -> None:
         """The server paused this socket mid-send: finish that send in a writer task, queue the rest."""
         self.mode = QUEUED
-        self.backlog = collections.deque()
+        if self.backlog is None:
+            self.backlog = collections.deque()
         self._start_writer(awaitable, yielded)
 
     def _start_writer(self, awaitable: _Steppable | None, yielded: Any) -> None:

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import anyio
 import jwt
 import pytest
 import uvicorn
@@ -15,6 +17,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from starlette_pomo_ws import PomoWS, Settings
 
@@ -121,6 +125,26 @@ async def wait_until(predicate: Callable[[], bool], within: float = 5.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+async def recv(ws: ClientConnection, within: float = 5) -> dict[str, Any]:
+    """The next server message, parsed; bounded."""
+    with anyio.fail_after(within):
+        message = await ws.recv()
+    assert isinstance(message, str), "server messages are text frames"
+    result: dict[str, Any] = json.loads(message)
+    return result
+
+
+async def closed_with(ws: ClientConnection, within: float = 5) -> tuple[int, str]:
+    """Read until the close frame arrives; return its code and reason."""
+    with anyio.fail_after(within):
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None, "the server closed without a close frame"
+            return exc.rcvd.code, exc.rcvd.reason
 
 
 @pytest.fixture

@@ -15,30 +15,21 @@ from websockets.exceptions import ConnectionClosed
 
 from starlette_pomo_ws import AuthenticationError, ConfigurationError, Connection, PomoWS, Principal, Settings
 
-from .conftest import WS_IMPLEMENTATIONS, RunningServer, make_app, make_settings, make_token, run_server, wait_until
+from .conftest import (
+    WS_IMPLEMENTATIONS,
+    RunningServer,
+    closed_with,
+    make_app,
+    make_settings,
+    make_token,
+    recv,
+    run_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
 ALLOWED = ("https://app.example.com", "https://*.example.com")
-
-
-async def recv(ws: ClientConnection, within: float = 5) -> dict[str, Any]:
-    with anyio.fail_after(within):
-        message = await ws.recv()
-    assert isinstance(message, str), "server messages are text frames"
-    result: dict[str, Any] = json.loads(message)
-    return result
-
-
-async def closed_with(ws: ClientConnection, within: float = 5) -> tuple[int, str]:
-    """Read until the close frame arrives; return its code and reason."""
-    with anyio.fail_after(within):
-        try:
-            while True:
-                await ws.recv()
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None, "the server closed without a close frame"
-            return exc.rcvd.code, exc.rcvd.reason
 
 
 async def established(ws: ClientConnection) -> dict[str, Any]:

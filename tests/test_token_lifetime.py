@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 
 from starlette_pomo_ws import AuthenticationError, PomoWS, Principal, Settings
 
-from .conftest import WS_IMPLEMENTATIONS, make_app, make_settings, make_token, run_server, wait_until
+from .conftest import WS_IMPLEMENTATIONS, make_app, make_settings, make_token, recv, run_server, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -31,14 +31,6 @@ def token_expiring_in(user_id: str, seconds: float) -> tuple[str, float]:
     """A token whose integer `exp` lies `seconds` from now (give or take under a second); and that `exp`."""
     exp = int(time.time() + seconds)
     return make_token(user_id, exp=exp), float(exp)
-
-
-async def recv(ws: ClientConnection, within: float = 5) -> dict[str, Any]:
-    with anyio.fail_after(within):
-        message = await ws.recv()
-    assert isinstance(message, str), "server messages are text frames"
-    result: dict[str, Any] = json.loads(message)
-    return result
 
 
 async def recv_type(ws: ClientConnection, type_: str, within: float = 8) -> dict[str, Any]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from starlette_pomo_ws import PomoWS, Settings
 from starlette_pomo_ws.backends.redis import RedisBackend
+from tests.conftest import make_app
 
 settings = Settings(
     jwt_secret=os.environ["POMO_WS_TEST_SECRET"],
@@ -19,16 +19,6 @@ settings = Settings(
 )
 backend = RedisBackend(settings.backend_url, key_prefix=os.environ["POMO_WS_TEST_KEY_PREFIX"])
 pomo = PomoWS(settings, backend=backend)
-
-
-async def publish(request: Request) -> JSONResponse:
-    body = await request.json()
-    broadcaster = request.state.broadcaster
-    if body.get("user") is None:
-        event = await broadcaster.broadcast_to_all(body["type"], body.get("data"))
-    else:
-        event = await broadcaster.broadcast_to_user(body["user"], body["type"], body.get("data"))
-    return JSONResponse({"id": event.id, "pid": os.getpid()})
 
 
 async def counts(request: Request) -> JSONResponse:
@@ -48,12 +38,5 @@ async def logout(request: Request) -> JSONResponse:
     return JSONResponse({})
 
 
-app = Starlette(
-    lifespan=pomo.lifespan,
-    routes=[
-        Route("/publish", publish, methods=["POST"]),
-        Route("/counts", counts),
-        Route("/logout", logout, methods=["POST"]),
-    ],
-)
-app.mount("/ws", pomo)
+app = make_app(pomo)  # the tests' smallest app: the two lines and POST /publish
+app.router.routes += [Route("/counts", counts), Route("/logout", logout, methods=["POST"])]

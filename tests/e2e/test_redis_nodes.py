@@ -177,16 +177,13 @@ async def test_one_app_under_uvicorn_workers_2(redis_url: str, prefix: str) -> N
                 ws = await stack.enter_async_context(connect(app.ws(f"token={make_token(f'user{n % 2}')}")))
                 assert (await recv(ws))["type"] == "CONNECTION_ESTABLISHED"
                 sockets.append(ws)
-            pids = set()
             for _ in range(6):  # requests land on either worker; every socket still gets every event
-                response = await http.post(f"{app.http}/publish", json={"type": "NOTIFICATION"})
-                pids.add(response.json()["pid"])
+                await http.post(f"{app.http}/publish", json={"type": "NOTIFICATION"})
             for ws in sockets:
                 assert [(await recv(ws))["type"] for _ in range(6)] == ["NOTIFICATION"] * 6
-            response = await http.post(f"{app.http}/publish", json={"user": "user1", "type": "TASK_CREATED"})
+            await http.post(f"{app.http}/publish", json={"user": "user1", "type": "TASK_CREATED"})
             for n, ws in enumerate(sockets):
                 if n % 2:
                     assert (await recv(ws))["type"] == "TASK_CREATED"
             counts = (await http.get(f"{app.http}/counts", params={"user": "user1"})).json()
             assert (counts["user"], counts["total"]) == (4, 8)
-            assert len(pids) >= 1

@@ -13,12 +13,20 @@ import pytest
 from fastapi import FastAPI, Request as FastAPIRequest
 from litestar import Litestar, Request as LitestarRequest, post
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from starlette_pomo_ws import Broadcaster, PomoWS
 from starlette_pomo_ws.litestar import PomoWSPlugin
 
-from ..conftest import WS_IMPLEMENTATIONS, make_app, make_settings, make_token, run_server, wait_until
+from ..conftest import (
+    WS_IMPLEMENTATIONS,
+    closed_with,
+    make_app,
+    make_settings,
+    make_token,
+    recv,
+    run_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -73,24 +81,6 @@ def ws_impl(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=list(FRAMEWORKS))
 def framework(request: pytest.FixtureRequest) -> Callable[[PomoWS], Any]:
     return FRAMEWORKS[request.param]
-
-
-async def recv(ws: ClientConnection, within: float = 5) -> dict[str, Any]:
-    with anyio.fail_after(within):
-        message = await ws.recv()
-    assert isinstance(message, str), "server messages are text frames"
-    result: dict[str, Any] = json.loads(message)
-    return result
-
-
-async def closed_with(ws: ClientConnection, within: float = 5) -> tuple[int, str]:
-    with anyio.fail_after(within):
-        try:
-            while True:
-                await ws.recv()
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None, "the server closed without a close frame"
-            return exc.rcvd.code, exc.rcvd.reason
 
 
 async def test_fan_out_reaches_every_tab_of_the_user_and_no_one_else(

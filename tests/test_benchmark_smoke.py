@@ -1,0 +1,69 @@
+"""The benchmark suite's smoke mode runs, counts every delivery, and fails on a lost message."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the benchmark reads /proc and pins cores with taskset"
+)
+
+
+def smoke(app: str, out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--smoke", "--apps", app, "--out", str(out), "--no-chart"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def run_smoke(app: str, out: Path) -> dict[str, object]:
+    proc = smoke(app, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result: dict[str, object] = json.loads((out / "smoke.json").read_text())
+    return result
+
+
+def check_sessions(result: dict[str, object], app: str) -> None:
+    sessions = result["sessions"]
+    assert isinstance(sessions, list)
+    assert [s["app"] for s in sessions] == [app]
+    for session in sessions:
+        assert session["ok"], session.get("error")
+        assert session["losses"] == 0
+        assert session["fanout_deliveries"] > 0
+        assert session["fanout_us"] > 0
+
+
+def test_smoke_baseline(tmp_path: Path) -> None:
+    check_sessions(run_smoke("baseline", tmp_path), "baseline")
+
+
+def test_smoke_package(tmp_path: Path) -> None:
+    try:
+        importlib.import_module("starlette_pomo_ws")
+    except ImportError as exc:  # pragma: no cover
+        pytest.skip(f"starlette_pomo_ws is not importable yet ({exc}): the package half of the smoke run is skipped")
+    check_sessions(run_smoke("pomo", tmp_path), "pomo")
+
+
+def test_smoke_fails_on_a_lost_message(tmp_path: Path) -> None:
+    """A server that drops one delivery in 97 makes the run exit non-zero."""
+    proc = smoke("baseline", tmp_path, env={"BENCH_DROP_EVERY": "97"})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    session = json.loads((tmp_path / "smoke.json").read_text())["sessions"][0]
+    assert not session["ok"]
+    assert session["losses"] > 0
