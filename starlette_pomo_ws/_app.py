@@ -18,6 +18,7 @@ from ._auth import (
     JWTAuthenticator,
     Principal,
     origin_allowed,
+    raw_header,
 )
 from ._broadcaster import Broadcaster, _text, fit_reason
 from ._connection import CLOSED, Connection
@@ -210,7 +211,7 @@ class PomoWS:
                 await _refuse(send, subprotocol, 1001, "Server shutting down")
             return
         connection_info = HTTPConnection(scope)
-        origin = connection_info.headers.get("origin")
+        origin = raw_header(scope, b"origin")
         if not origin_allowed(origin, settings.allowed_origins, cookie_auth=_uses_cookie(connection_info, settings)):
             logger.info("Refused a WebSocket from origin %r", origin)
             broadcaster.stats.rejected["origin"] += 1

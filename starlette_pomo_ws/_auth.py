@@ -63,12 +63,23 @@ def bearer_subprotocol(subprotocols: list[str]) -> str | None:
     return None
 
 
+def raw_header(scope: Mapping[str, Any], name: bytes) -> str | None:
+    """One request header, read straight from the ASGI scope (`name` in lower case).
+
+    A handshake needs two or three headers; building Starlette's `Headers` for them costs more.
+    """
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
 def find_token(connection: HTTPConnection, settings: Settings) -> str | None:
     """The token of a handshake, from the subprotocol pair, `Authorization: Bearer`, the query or a cookie."""
     token = bearer_subprotocol(list(connection.scope.get("subprotocols") or ()))
     if token:
         return token
-    authorization = connection.headers.get("authorization")
+    authorization = raw_header(connection.scope, b"authorization")
     if authorization:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():

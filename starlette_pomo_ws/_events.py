@@ -66,11 +66,25 @@ class Position(NamedTuple):
     seq: int
 
 
+_second_cache: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def iso_timestamp(now: float | None = None) -> str:
-    """UTC with milliseconds and a `Z`, as JavaScript's `toISOString()` writes it."""
+    """UTC with milliseconds and a `Z`, as JavaScript's `toISOString()` writes it.
+
+    Formatting a date is slow, and every event needs one: the text up to the second is cached.
+    """
     seconds = time.time() if now is None else now
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = int(seconds // 1)
+    micro = round((seconds - whole) * 1_000_000)  # rounded to the microsecond first, as datetime does
+    if micro >= 1_000_000:
+        whole += 1
+        micro -= 1_000_000
+    cache = _second_cache
+    if cache[0] != whole:
+        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+        cache[0] = whole
+    return f"{cache[1]}{micro // 1000:03d}Z"
 
 
 def _default(value: Any) -> Any:
@@ -139,8 +153,9 @@ class CursorSigner:
         self._key = key
 
     def _sig(self, epoch: str, seq: int, user_id: str) -> str:
-        mac = hmac.new(self._key, f"{epoch}:{seq}:{user_id}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac[:15]).decode()
+        # Keyed BLAKE2b is a MAC in its own right, and about twice as fast as HMAC-SHA256.
+        mac = hashlib.blake2b(f"{epoch}:{seq}:{user_id}".encode(), key=self._key, digest_size=15).digest()
+        return base64.urlsafe_b64encode(mac).decode()
 
     def sign(self, epoch: str, seq: int, user_id: str | None) -> str:
         return f"{epoch}.{seq:x}.{self._sig(epoch, seq, user_id or '')}"

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import datetime
+
+from hypothesis import given, strategies as st
+
+from starlette_pomo_ws import EventType
+from starlette_pomo_ws._events import CursorSigner, iso_timestamp
+
+
+@given(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False))
+def test_timestamps_match_javascripts_to_iso_string(seconds: float) -> None:
+    """The cached formatter writes exactly what datetime would: UTC, milliseconds, a Z."""
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    assert iso_timestamp(seconds) == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def test_cursors_are_bound_to_their_user_and_key() -> None:
+    signer = CursorSigner(b"k" * 32)
+    mine = signer.sign("ep0ch", 42, "alice")
+    everyone = signer.sign("ep0ch", 43, None)
+    assert signer.verify(mine, "alice") == ("ep0ch", 42)
+    assert signer.verify(mine, "bob") is None
+    assert signer.verify(everyone, "bob") == ("ep0ch", 43)
+    assert CursorSigner(b"x" * 32).verify(mine, "alice") is None
+
+
+def test_event_types_are_strings() -> None:
+    assert EventType.TASK_CREATED == "TASK_CREATED"
+    assert str(EventType.RESYNC_REQUIRED) == "RESYNC_REQUIRED"
