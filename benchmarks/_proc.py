@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -21,13 +22,19 @@ SERVER_CPU = 0
 CLIENT_CPU = 1
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process (all its threads), from /proc/<pid>/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     fields = data[data.rindex(b")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process (utime + stime)."""
+    user, system = cpu_times(pid)
+    return user + system
 
 
 def rss_bytes(pid: int) -> int:
@@ -66,6 +73,19 @@ def pin_self(cpu: int) -> None:
     with contextlib.suppress(OSError, AttributeError, ValueError):
         if cpu < (os.cpu_count() or 1):
             os.sched_setaffinity(0, {cpu})
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for our children: SIGTERM them if the driver dies (PR_SET_PDEATHSIG survives exec)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 == PR_SET_PDEATHSIG
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Any = None) -> subprocess.Popen[bytes]:
+    """Start a child that dies with us; fork+exec returns at once, and Popen gives the PID for /proc."""
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=log, preexec_fn=die_with_parent)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -25,7 +25,7 @@ _NO_MASK = b"\x00\x00\x00\x00"  # a zero mask key is valid and makes masking a n
 class Stats:
     """Counters shared by all connections of one load-generator process."""
 
-    __slots__ = ("done", "events", "latencies", "last_recv_ns", "other", "remaining", "unexpected_close")
+    __slots__ = ("done", "events", "last_recv_ns", "latencies", "other", "remaining", "unexpected_close")
 
     def __init__(self) -> None:
         self.latencies = array("q")
@@ -88,6 +88,7 @@ class ClientConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(f"connection lost before CONNECTION_ESTABLISHED: {exc}"))
+            self.opened.exception()  # mark it retrieved: connect() may already have given up on it
         if not self.closed.done():
             self.closed.set_result(None)
         if not self.closing:

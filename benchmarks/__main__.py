@@ -1,0 +1,27 @@
+"""``python -m benchmarks run [--smoke | --quick | --full] ...`` and ``python -m benchmarks micro ...``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("run", "micro", "merge"):
+        print("usage: python -m benchmarks run [--smoke | --quick | --full] [--redis URL] [options]")
+        print("       python -m benchmarks merge results/A.json results/B.json --name full")
+        print("       python -m benchmarks micro [--n 1000] [--reps 30]   (send-path micro-benchmark)")
+        print("see `python -m benchmarks run --help` and docs/performance.md")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "micro":
+        from benchmarks import micro_send
+
+        return micro_send.main(argv[1:])
+    from benchmarks import run
+
+    if argv[0] == "merge":
+        return run.merge(argv[1:])
+    return run.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

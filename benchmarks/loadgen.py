@@ -1,0 +1,210 @@
+"""A load-generator process: holds WebSocket connections and counts what they receive.
+
+The driver (``benchmarks/run.py``) starts several of these, pinned to the client core, and talks to
+each over stdin/stdout, one JSON object per line. Commands:
+
+* ``connect``: mint tokens (untimed), then open the connections (bounded concurrency), each done
+  when its first message (``CONNECTION_ESTABLISHED``) arrives;
+* ``expect``: arm the per-connection counters for the next phase;
+* ``wait``: wait (bounded) until every connection got its expected events, then check counts and
+  seq checksums and return the latencies;
+* ``close``: close every connection (bounded wait);
+* ``exit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+import time
+from typing import Any
+
+import jwt
+
+from benchmarks._proc import HOST
+from benchmarks._wsclient import ClientConn, Stats, connect, handshake_request
+
+
+def mint(secret: str, user_id: str) -> str:
+    now = int(time.time())
+    return jwt.encode({"userId": user_id, "iat": now, "exp": now + 3600}, secret, algorithm="HS256")
+
+
+class Group:
+    """The connections to one server (a driver may hold two servers' connections at once)."""
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self.conns: list[ClientConn] = []
+        self.users: list[str] = []
+        self.expected_sum: list[int] = []
+
+
+class LoadGen:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.groups: dict[str, Group] = {}
+
+    def group(self, msg: dict[str, Any]) -> Group:
+        return self.groups.setdefault(msg.get("group", ""), Group())
+
+    async def cmd_connect(self, msg: dict[str, Any]) -> dict[str, Any]:
+        group = self.group(msg)
+        port, path, deflate, secret = msg["port"], msg["path"], msg["deflate"], msg["secret"]
+        users: list[str] = msg["users"]
+        requests = [handshake_request(HOST, port, f"{path}?token={mint(secret, uid)}", deflate) for uid in users]
+        sem = asyncio.Semaphore(msg.get("concurrency", 64))
+        timeout = float(msg.get("timeout", 30))
+        errors: list[str] = []
+
+        async def one(request: bytes) -> ClientConn | None:
+            async with sem:
+                try:
+                    return await connect(self.loop, HOST, port, request, group.stats, timeout)
+                except (OSError, asyncio.TimeoutError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    return None
+
+        t0 = time.time_ns()
+        tasks = [asyncio.ensure_future(one(r)) for r in requests]
+        # Bounded overall too: whatever has not connected by then counts as failed.
+        _, pending = await asyncio.wait(tasks, timeout=float(msg.get("total_timeout", 300)))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+            errors.append(f"{len(pending)} handshakes still pending after {msg.get('total_timeout', 300)} s")
+        results = [t.result() if t.done() and not t.cancelled() and t.exception() is None else None for t in tasks]
+        t1 = time.time_ns()
+        for uid, conn in zip(users, results, strict=True):
+            if conn is not None:
+                group.conns.append(conn)
+                group.users.append(uid)
+        failed = sum(1 for r in results if r is None)
+        return {"connected": len(group.conns), "failed": failed, "errors": errors[:5], "t0": t0, "t1": t1}
+
+    def cmd_expect(self, msg: dict[str, Any]) -> dict[str, Any]:
+        group = self.group(msg)
+        group.stats.reset()
+        group.stats.done = asyncio.Event()
+        group.expected_sum = []
+        remaining = 0
+        for conn, uid in zip(group.conns, group.users, strict=True):
+            if msg["kind"] == "all":
+                seqs = range(msg["seq"], msg["seq"] + msg["count"])
+            else:  # request i of R goes to user u{i % U}, with seq i
+                seqs = range(int(uid[1:]), msg["requests"], msg["users"])
+            conn.count = 0
+            conn.seqsum = 0
+            conn.expect = len(seqs)
+            group.expected_sum.append(sum(seqs))
+            if conn.expect:
+                remaining += 1
+        group.stats.remaining = remaining
+        if remaining == 0:
+            group.stats.done.set()
+        return {"armed": remaining}
+
+    async def cmd_wait(self, msg: dict[str, Any]) -> dict[str, Any]:
+        group = self.group(msg)
+        stats = group.stats
+        assert stats.done is not None
+        # Bounded twice: by the overall timeout, and by ``stall`` seconds without a new event.
+        deadline = time.monotonic() + float(msg.get("timeout", 60))
+        stall = float(msg.get("stall", 10))
+        seen, last_progress = -1, time.monotonic()
+        complete = False
+        for _ in range(int(float(msg.get("timeout", 60)) / 0.1) + 1):
+            try:
+                await asyncio.wait_for(stats.done.wait(), 0.1)
+                complete = True
+                break
+            except asyncio.TimeoutError:
+                now = time.monotonic()
+                if stats.events != seen:
+                    seen, last_progress = stats.events, now
+                if now - last_progress > stall or now > deadline:
+                    break
+        # Let stragglers (duplicates) arrive before checking; bounded and short.
+        await asyncio.sleep(float(msg.get("settle", 0.05)))
+        lost = extra = bad_sum = expected = received = 0
+        for conn, want_sum in zip(group.conns, group.expected_sum, strict=True):
+            expected += conn.expect
+            received += conn.count
+            if conn.count < conn.expect:
+                lost += conn.expect - conn.count
+            elif conn.count > conn.expect:
+                extra += conn.count - conn.expect
+            elif conn.seqsum != want_sum:
+                bad_sum += 1
+        return {
+            "complete": complete and not lost and not extra and not bad_sum,
+            "expected": expected,
+            "received": received,
+            "lost": lost,
+            "extra": extra,
+            "bad_checksum": bad_sum,
+            "last_recv_ns": stats.last_recv_ns,
+            "unexpected_close": stats.unexpected_close,
+            "latencies": base64.b64encode(stats.latencies.tobytes()).decode() if msg.get("latencies") else "",
+        }
+
+    async def cmd_close(self, msg: dict[str, Any]) -> dict[str, Any]:
+        names = list(self.groups) if msg.get("all") else [msg.get("group", "")]
+        conns: list[ClientConn] = []
+        for name in names:
+            group = self.groups.pop(name, None)
+            if group is not None:
+                conns += group.conns
+        for conn in conns:
+            conn.close()
+        pending = [c.closed for c in conns if not c.closed.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=float(msg.get("timeout", 10)))
+        aborted = 0
+        for conn in conns:
+            if not conn.closed.done() and conn.transport is not None:
+                conn.transport.abort()
+                aborted += 1
+        await asyncio.sleep(0)
+        return {"closed": len(conns), "aborted": aborted}
+
+
+async def main() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    gen = LoadGen()
+    out = sys.stdout
+    while True:  # bounded by the driver: it sends "exit", or closes stdin
+        line = await reader.readline()
+        if not line:
+            break
+        msg = json.loads(line)
+        cmd = msg["cmd"]
+        try:
+            if cmd == "connect":
+                reply = await gen.cmd_connect(msg)
+            elif cmd == "expect":
+                reply = gen.cmd_expect(msg)
+            elif cmd == "wait":
+                reply = await gen.cmd_wait(msg)
+            elif cmd == "close":
+                reply = await gen.cmd_close(msg)
+            elif cmd == "exit":
+                await gen.cmd_close({"timeout": 2, "all": True})
+                out.write(json.dumps({"bye": True}) + "\n")
+                out.flush()
+                break
+            else:
+                reply = {"error": f"unknown command {cmd!r}"}
+        except Exception as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

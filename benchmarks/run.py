@@ -1,0 +1,1044 @@
+"""The benchmark driver: ``python -m benchmarks run [--smoke | --quick | --full] [--redis URL]``.
+
+For each configuration (N connections, backend, permessage-deflate on or off) and each repetition,
+it starts the baseline app and the package app in turn (the order alternates between repetitions),
+each under its own uvicorn pinned to core 0, and drives them from load-generator processes pinned
+to core 1. Every session runs the same phases:
+
+1. ``handshake``: N connections with a JWT each (users have 2 connections), done when
+   ``CONNECTION_ESTABLISHED`` arrives: handshakes/s and server CPU µs per handshake;
+2. ``idle``: server RSS delta ÷ N, after 1 s idle;
+3. ``fanout``: B ``broadcast_to_all`` through ``POST /bench/all?count=5`` with 2 requests in flight:
+   server CPU µs per delivery (from /proc/<pid>/stat), deliveries/s, client CPU;
+4. ``latency``: paced single broadcasts (about 1/3 of capacity): publish-to-receipt p50/p99;
+5. ``per_user``: R ``broadcast_to_user`` through ``POST /bench/user/{uid}`` from 8 keep-alive HTTP
+   connections: broadcasts/s and server CPU µs per request;
+6. ``churn`` (not in smoke): close all and reconnect, twice: RSS after each cycle.
+
+Every expected delivery is counted (and seq checksums compared): one lost or extra message fails
+the run (exit status 1). Results go to ``benchmarks/results/<mode>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _proc
+
+SECRET = "benchmark-secret-at-least-32-bytes-long!"
+RESULTS = Path(__file__).resolve().parent / "results"
+CONNS_PER_LOADGEN = 2500
+HANDSHAKE_CONCURRENCY = 64
+FANOUT_BATCH = 5  # broadcasts per HTTP trigger
+FANOUT_WINDOW = 2  # HTTP triggers in flight
+PER_USER_HTTP_CONNS = 8
+APP_MODULES = {
+    "baseline": "benchmarks.baseline_app:app",
+    "pomo": "benchmarks.pomo_app:app",
+    "pomo-metrics": "benchmarks.pomo_app:app",  # the same app with Settings(metrics=True)
+}
+METRICS_TARGET = 1.05  # issue 7: metrics on costs at most 5 % more fan-out CPU than metrics off
+
+# The targets of issue 5, as ratios to the baseline in the same run.
+TARGETS = {
+    "fanout_us": ("<=", {1000: 0.85, 10000: 0.90}),
+    "rss_per_conn": ("<=", {10000: 1.15}),
+    "handshakes_per_s": (">=", 0.9),
+    "per_user_per_s": (">=", 0.9),
+    "p99_ms": ("<=", 1.0),
+}
+REDIS_TARGET = 1.1  # redis fan-out µs per delivery ÷ memory, N=1,000
+
+
+@dataclass
+class Mode:
+    name: str
+    sizes: list[int]
+    reps: int
+    fanout_deliveries: int  # B = max(20, this // N) broadcasts
+    latency_events: int
+    per_user_requests: int  # rounded up to a multiple of the number of users
+    churn_cycles: int
+    deflate: list[bool] = field(default_factory=lambda: [False])
+    stall: float = 10.0  # seconds without any new delivery before a phase counts as lossy
+    paired_rounds: int = 8
+
+
+MODES = {
+    "smoke": Mode("smoke", [100], 1, 2_000, 5, 200, 0, stall=3.0, paired_rounds=2),
+    "quick": Mode("quick", [1000], 1, 100_000, 30, 2_000, 2, paired_rounds=6),
+    "full": Mode("full", [1000, 10000], 3, 200_000, 30, 5_000, 2, [False, True]),
+}
+
+
+class SessionFailed(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------ load generators
+class LoadGen:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        argv = _proc.pinned(_proc.CLIENT_CPU, [sys.executable, "-m", "benchmarks.loadgen"])
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=_proc.child_env(),
+            limit=1 << 26,
+            preexec_fn=_proc.die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+        await self.proc.stdin.drain()
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except asyncio.TimeoutError:
+            # Its late reply would answer the next command: replace the process instead.
+            await self.restart()
+            raise SessionFailed(
+                f"load generator {self.index}: no reply to {msg['cmd']!r} within {timeout:.0f} s"
+            ) from None
+        if not line:
+            raise SessionFailed(f"load generator {self.index} exited")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise SessionFailed(f"load generator {self.index}: {reply['error']}")
+        return reply
+
+    async def restart(self) -> None:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # our own child, by its PID
+            await asyncio.wait_for(self.proc.wait(), 10)
+        await self.start()
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            await self.call({"cmd": "exit"}, 10)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await asyncio.wait_for(self.proc.wait(), 5)
+
+
+async def call_all(gens: list[LoadGen], msgs: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(g.call(m, timeout) for g, m in zip(gens, msgs, strict=True))))
+
+
+def client_cpu(gens: list[LoadGen]) -> float:
+    return sum(_proc.cpu_seconds(g.pid) for g in gens) + _proc.cpu_seconds(os.getpid())
+
+
+# ------------------------------------------------------------------------------------------- session
+@dataclass
+class Config:
+    n: int
+    backend: str  # "memory" or "redis"
+    deflate: bool
+
+    @property
+    def key(self) -> str:
+        return f"N={self.n} {self.backend} deflate={'on' if self.deflate else 'off'}"
+
+
+def quantile(sorted_values: array[int] | list[int], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    return float(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))])
+
+
+class Session:
+    """One server process (one app, one configuration) driven through every phase."""
+
+    def __init__(self, app: str, config: Config, mode: Mode, gens: list[LoadGen], redis_url: str | None) -> None:
+        self.app = app
+        self.config = config
+        self.mode = mode
+        self.all_gens = gens
+        self.redis_url = redis_url
+        self.port = _proc.free_port()
+        self.server: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{app}-", suffix=".log", delete=False)
+        n = config.n
+        self.nproc = max(1, math.ceil(n / CONNS_PER_LOADGEN))
+        self.gens = gens[: self.nproc]
+        bounds = [round(i * n / self.nproc) for i in range(self.nproc + 1)]
+        self.slices = [list(range(bounds[i], bounds[i + 1])) for i in range(self.nproc)]
+        self.users = n // 2
+        self.result: dict[str, Any] = {"app": app, "config": config.key, "n": n}
+        self.group = f"{app}-{config.backend}"
+        self.seq = 0
+
+    # -- process control -------------------------------------------------------------------------
+    async def start_server(self) -> None:
+        env = {"BENCH_JWT_SECRET": SECRET}
+        if self.app == "pomo-metrics":
+            env["BENCH_METRICS"] = "1"
+        if self.app in ("pomo", "pomo-metrics"):
+            env["BENCH_BACKEND_URL"] = (
+                self.redis_url if self.config.backend == "redis" and self.redis_url else "memory://"
+            )
+            if self.config.backend == "redis":
+                flush_redis(env["BENCH_BACKEND_URL"])
+        argv = _proc.uvicorn_argv(APP_MODULES[self.app], self.port, self.config.deflate)
+        self.server = _proc.spawn(argv, _proc.child_env(env), self.log)
+        await _proc.wait_http_ready(self.port, "/bench/ready", self.server, 60)
+
+    def server_log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            self.log.flush()
+            return Path(self.log.name).read_text(errors="replace")[-3000:]
+        return ""
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await call_all(self.gens, [{"cmd": "close", "timeout": 10, "group": self.group}] * self.nproc, 30)
+        if self.server is not None:
+            _proc.stop_process(self.server)
+        self.log.close()
+        if self.server is not None and self.server.returncode not in (0, -15, None):
+            self.result.setdefault("warnings", []).append(f"server exit status {self.server.returncode}")
+        with contextlib.suppress(OSError):
+            os.unlink(self.log.name)
+
+    def server_cpu(self) -> float:
+        assert self.server is not None
+        return _proc.cpu_seconds(self.server.pid)
+
+    def server_rss(self) -> int:
+        assert self.server is not None
+        return _proc.rss_bytes(self.server.pid)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    async def connect(self, indexes: list[list[int]], prefix: str = "u") -> tuple[float, int]:
+        msgs = [
+            {
+                "cmd": "connect",
+                "group": self.group,
+                "port": self.port,
+                "path": "/ws",
+                "deflate": self.config.deflate,
+                "secret": SECRET,
+                "users": [f"{prefix}{g // 2}" for g in idx],
+                "concurrency": HANDSHAKE_CONCURRENCY,
+                "timeout": 30,
+                "total_timeout": 60 + len(idx) * 0.1,
+            }
+            for idx in indexes
+        ]
+        longest = max(len(i) for i in indexes)
+        replies = await call_all(self.gens[: len(indexes)], msgs, 90 + longest * 0.1)
+        failed = sum(r["failed"] for r in replies)
+        if failed:
+            raise SessionFailed(f"{failed} handshakes failed, e.g. {replies[0]['errors'] or replies[-1]['errors']}")
+        t0 = min(r["t0"] for r in replies)
+        t1 = max(r["t1"] for r in replies)
+        return (t1 - t0) / 1e9, sum(r["connected"] for r in replies)
+
+    async def close_all(self) -> None:
+        await call_all(self.gens, [{"cmd": "close", "timeout": 10, "group": self.group}] * self.nproc, 60)
+
+    async def expect(self, msg: dict[str, Any]) -> None:
+        await call_all(self.gens, [{"cmd": "expect", "group": self.group, **msg}] * self.nproc, 30)
+
+    async def wait(self, deliveries: int, phase: str, latencies: bool) -> tuple[dict[str, Any], array[int]]:
+        timeout = 60 + deliveries * 1e-4
+        msg = {"cmd": "wait", "group": self.group, "timeout": timeout, "stall": self.mode.stall, "latencies": latencies}
+        replies = await call_all(self.gens, [msg] * self.nproc, timeout + 30)
+        merged: dict[str, Any] = {
+            key: sum(r[key] for r in replies)
+            for key in ("expected", "received", "lost", "extra", "bad_checksum", "unexpected_close")
+        }
+        merged["complete"] = all(r["complete"] for r in replies)
+        merged["last_recv_ns"] = max(r["last_recv_ns"] for r in replies)
+        lat = array("q")
+        for r in replies:
+            if r["latencies"]:
+                lat.frombytes(base64.b64decode(r["latencies"]))
+        losses = merged["lost"] + merged["extra"] + merged["bad_checksum"]
+        self.result.setdefault("losses", 0)
+        self.result["losses"] += losses
+        if not merged["complete"] or merged["received"] != deliveries:
+            raise SessionFailed(
+                f"{phase}: {merged['received']} of {deliveries} deliveries received "
+                f"(lost {merged['lost']}, extra {merged['extra']}, bad checksums {merged['bad_checksum']}, "
+                f"unexpected closes {merged['unexpected_close']})"
+            )
+        return merged, lat
+
+    # -- phases ----------------------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        n = self.config.n
+        mode = self.mode
+        try:
+            await self.start_server()
+            # Warm-up: a few connections and one broadcast, so lazy imports and first-use
+            # allocations are not counted as per-connection memory.
+            await self.connect([list(range(20))], prefix="w")
+            self.gens_backup, self.gens, nproc = self.gens, self.gens[:1], self.nproc
+            self.nproc = 1
+            await self.expect({"kind": "all", "seq": self.seq, "count": 1})
+            await self.trigger_all(1)
+            await self.wait(20, "warm-up", latencies=False)
+            await self.close_all()
+            self.gens, self.nproc = self.gens_backup, nproc
+            await asyncio.sleep(0.3)
+
+            # 1. handshakes + 2. idle memory
+            rss0 = self.server_rss()
+            cpu0 = self.server_cpu()
+            wall, connected = await self.connect(self.slices)
+            cpu1 = self.server_cpu()
+            if connected != n:
+                raise SessionFailed(f"{connected} of {n} connected")
+            self.result["handshakes_per_s"] = n / wall
+            self.result["handshake_cpu_us"] = (cpu1 - cpu0) * 1e6 / n
+            await asyncio.sleep(1.0)
+            rss1 = self.server_rss()
+            self.result["rss_per_conn"] = (rss1 - rss0) / n
+            self.result["rss_connected_mib"] = rss1 / 2**20
+
+            await self.phase_fanout()
+            await self.phase_latency()
+            await self.phase_per_user()
+            if mode.churn_cycles:
+                await self.phase_churn(rss1)
+            self.result["ok"] = True
+        except Exception as exc:
+            self.result["ok"] = False
+            self.result["error"] = f"{type(exc).__name__}: {exc}"
+            self.result["server_log"] = self.server_log_tail()
+        finally:
+            await self.stop()
+        return self.result
+
+    async def trigger_all(self, broadcasts: int, batch: int = FANOUT_BATCH, window: int = FANOUT_WINDOW) -> None:
+        """POST /bench/all in batches, with ``window`` requests in flight."""
+        seqs = list(range(self.seq, self.seq + broadcasts, batch))
+        end = self.seq + broadcasts
+        self.seq = end
+
+        async def worker(my: list[int]) -> None:
+            http = await _proc.Http(self.port).open()
+            try:
+                for s in my:
+                    status, body = await http.request("POST", f"/bench/all?count={min(batch, end - s)}&seq={s}", 120)
+                    if status != 200:
+                        raise SessionFailed(f"POST /bench/all: {status} {body[:200]!r}")
+            finally:
+                await http.close()
+
+        await asyncio.gather(*(worker(seqs[i::window]) for i in range(window)))
+
+    async def burst(self, broadcasts: int) -> float:
+        """One fan-out burst for the paired measurement: server CPU µs per delivery."""
+        deliveries = broadcasts * self.config.n
+        await self.expect({"kind": "all", "seq": self.seq, "count": broadcasts})
+        cpu0 = self.server_cpu()
+        await self.trigger_all(broadcasts)
+        await self.wait(deliveries, "paired fan-out", latencies=False)
+        return (self.server_cpu() - cpu0) * 1e6 / deliveries
+
+    async def phase_fanout(self) -> None:
+        n = self.config.n
+        broadcasts = max(20, self.mode.fanout_deliveries // n)
+        broadcasts = math.ceil(broadcasts / FANOUT_BATCH) * FANOUT_BATCH
+        deliveries = broadcasts * n
+        await self.expect({"kind": "all", "seq": self.seq, "count": broadcasts})
+        cpu0, ccpu0 = self.server_cpu(), client_cpu(self.all_gens)
+        t0 = time.time_ns()
+        await self.trigger_all(broadcasts)
+        merged, lat = await self.wait(deliveries, "fanout", latencies=True)
+        cpu1, ccpu1 = self.server_cpu(), client_cpu(self.all_gens)
+        wall = (merged["last_recv_ns"] - t0) / 1e9
+        lat = array("q", sorted(lat))
+        r = self.result
+        r["fanout_broadcasts"] = broadcasts
+        r["fanout_deliveries"] = deliveries
+        r["fanout_us"] = (cpu1 - cpu0) * 1e6 / deliveries
+        r["fanout_per_s"] = deliveries / wall
+        r["fanout_server_util"] = (cpu1 - cpu0) / wall
+        r["fanout_client_util"] = (ccpu1 - ccpu0) / wall
+        r["fanout_client_us"] = (ccpu1 - ccpu0) * 1e6 / deliveries
+        r["client_bound"] = r["fanout_client_util"] >= 0.9 and r["fanout_server_util"] < 0.9
+        r["fanout_sat_p50_ms"] = quantile(lat, 0.5) / 1e6
+        r["fanout_sat_p99_ms"] = quantile(lat, 0.99) / 1e6
+
+    async def phase_latency(self) -> None:
+        n = self.config.n
+        events = self.mode.latency_events if n <= 1000 else max(10, self.mode.latency_events // 3)
+        # About a third of the baseline's capacity on this machine, the same for both apps.
+        interval = max(0.01, n * (200e-6 if self.config.deflate else 80e-6))
+        await self.expect({"kind": "all", "seq": self.seq, "count": events})
+        http = await _proc.Http(self.port).open()
+        try:
+            start = time.monotonic()
+            for i in range(events):
+                delay = start + i * interval - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                status, body = await http.request("POST", f"/bench/all?count=1&seq={self.seq + i}", 60)
+                if status != 200:
+                    raise SessionFailed(f"POST /bench/all: {status} {body[:200]!r}")
+        finally:
+            await http.close()
+        self.seq += events
+        _, lat = await self.wait(events * n, "latency", latencies=True)
+        lat = array("q", sorted(lat))
+        self.result["latency_events"] = events
+        self.result["latency_interval_ms"] = interval * 1e3
+        self.result["p50_ms"] = quantile(lat, 0.5) / 1e6
+        self.result["p99_ms"] = quantile(lat, 0.99) / 1e6
+
+    async def phase_per_user(self) -> None:
+        users = self.users
+        requests = math.ceil(max(users, self.mode.per_user_requests) / users) * users
+        await self.expect({"kind": "user", "requests": requests, "users": users})
+        cpu0 = self.server_cpu()
+        t0 = time.time_ns()
+
+        async def worker(start: int) -> None:
+            http = await _proc.Http(self.port).open()
+            try:
+                for i in range(start, requests, PER_USER_HTTP_CONNS):
+                    status, body = await http.request("POST", f"/bench/user/u{i % users}?seq={i}", 60)
+                    if status != 200:
+                        raise SessionFailed(f"POST /bench/user: {status} {body[:200]!r}")
+            finally:
+                await http.close()
+
+        await asyncio.gather(*(worker(c) for c in range(PER_USER_HTTP_CONNS)))
+        merged, _ = await self.wait(requests * 2, "per_user", latencies=False)
+        cpu1 = self.server_cpu()
+        wall = (max(merged["last_recv_ns"], time.time_ns()) - t0) / 1e9
+        self.result["per_user_requests"] = requests
+        self.result["per_user_per_s"] = requests / wall
+        self.result["per_user_cpu_us"] = (cpu1 - cpu0) * 1e6 / requests
+
+    async def phase_churn(self, rss_first: int) -> None:
+        samples = []
+        # At 10,000 connections each cycle costs a minute on a loaded 2-core machine: one cycle there.
+        for _ in range(self.mode.churn_cycles if self.config.n <= 1000 else 1):
+            await self.close_all()
+            await asyncio.sleep(0.5)
+            closed = self.server_rss()
+            await self.connect(self.slices)
+            await asyncio.sleep(0.5)
+            samples.append({"closed_mib": closed / 2**20, "connected_mib": self.server_rss() / 2**20})
+        self.result["churn"] = samples
+        last = samples[-1]["connected_mib"] * 2**20
+        self.result["churn_growth_per_conn"] = (last - rss_first) / self.config.n
+
+
+async def paired_fanout(
+    n: int,
+    deflate: bool,
+    backends: list[str],
+    mode: Mode,
+    gens: list[LoadGen],
+    redis_url: str | None,
+    rep: int,
+    metrics: bool = False,
+) -> dict[str, Any]:
+    """Fan-out CPU with every server up at once and short bursts in rotating order.
+
+    Sessions run minutes apart, and on a shared machine the CPU speed drifts by ±30 % over minutes.
+    Here the baseline and the package (each backend) hold N connections each, and each round runs
+    one burst per server, seconds apart: the ratio of two bursts in one round cancels most drift.
+    """
+    sessions = [Session("baseline", Config(n, "memory", deflate), mode, gens, redis_url)]
+    sessions += [Session("pomo", Config(n, b, deflate), mode, gens, redis_url) for b in backends]
+    if metrics:  # the package again, with its Prometheus metrics on
+        sessions.append(Session("pomo-metrics", Config(n, "memory", deflate), mode, gens, redis_url))
+    broadcasts = max(FANOUT_BATCH, math.ceil(20_000 / n / FANOUT_BATCH) * FANOUT_BATCH)
+    result: dict[str, Any] = {"kind": "paired", "n": n, "deflate": deflate, "rep": rep, "rounds": [], "losses": 0}
+    try:
+        for s in sessions:
+            await s.start_server()
+            _, connected = await s.connect(s.slices)
+            if connected != n:
+                raise SessionFailed(f"{s.app}: {connected} of {n} connected")
+        for r in range(mode.paired_rounds + 1):  # round 0 warms up
+            order = sessions[r % len(sessions) :] + sessions[: r % len(sessions)]
+            row = {}
+            for s in order:
+                row[f"{s.app}-{s.config.backend}"] = await s.burst(broadcasts)
+            if r:
+                result["rounds"].append(row)
+        result["broadcasts_per_burst"] = broadcasts
+        result["ok"] = True
+    except Exception as exc:
+        result["ok"] = False
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["server_log"] = "\n".join(s.server_log_tail() for s in sessions)
+    finally:
+        for s in sessions:
+            result["losses"] += s.result.get("losses", 0)
+            await s.stop()
+    return result
+
+
+def summarize_paired(paired: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (N, deflate): medians of per-round ratios, over every round of every repetition."""
+    out: dict[str, Any] = {}
+    for p in paired:
+        if not p.get("ok"):
+            continue
+        key = f"N={p['n']} deflate={'on' if p['deflate'] else 'off'}"
+        entry = out.setdefault(key, {"n": p["n"], "deflate": p["deflate"], "rounds": []})
+        entry["rounds"] += p["rounds"]
+    for entry in out.values():
+        rounds = entry.pop("rounds")
+        entry["rounds"] = len(rounds)
+        names = sorted({name for r in rounds for name in r})
+        for name in names:
+            entry[name] = statistics.median(r[name] for r in rounds if name in r)
+            entry[f"{name} rounds"] = sum(1 for r in rounds if name in r)
+            if name != "baseline-memory":
+                ratios = [r[name] / r["baseline-memory"] for r in rounds if name in r]
+                entry[f"{name}/baseline"] = statistics.median(ratios)
+                entry[f"{name}/baseline range"] = (min(ratios), max(ratios))
+        both = [r for r in rounds if "pomo-redis" in r and "pomo-memory" in r]
+        if both:
+            entry["redis/memory"] = statistics.median(r["pomo-redis"] / r["pomo-memory"] for r in both)
+        with_metrics = [r for r in rounds if "pomo-metrics-memory" in r and "pomo-memory" in r]
+        if with_metrics:
+            entry["metrics/no-metrics"] = statistics.median(
+                r["pomo-metrics-memory"] / r["pomo-memory"] for r in with_metrics
+            )
+    return out
+
+
+def flush_redis(url: str) -> None:
+    """Empty the benchmark's own Redis database (db 14 by default) so every session starts alike."""
+    import redis  # the benchmark only needs redis-py for the Redis configurations
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+# -------------------------------------------------------------------------------------------- report
+FIGURES = [
+    # key, label, unit, better
+    ("fanout_us", "fan-out server CPU", "µs/delivery", "lower"),
+    ("fanout_per_s", "fan-out deliveries/s", "1/s", "higher"),
+    ("p50_ms", "latency p50", "ms", "lower"),
+    ("p99_ms", "latency p99", "ms", "lower"),
+    ("handshakes_per_s", "handshakes/s (JWT)", "1/s", "higher"),
+    ("handshake_cpu_us", "server CPU per handshake", "µs", "lower"),
+    ("rss_per_conn", "idle memory per connection", "KiB", "lower"),
+    ("per_user_per_s", "per-user broadcasts/s (HTTP)", "1/s", "higher"),
+    ("per_user_cpu_us", "server CPU per per-user request", "µs", "lower"),
+    ("fanout_client_us", "client CPU per delivery", "µs", "lower"),
+]
+
+
+def _fmt(key: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key == "rss_per_conn":
+        return f"{value / 1024:.1f}"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def target_for(key: str, n: int) -> tuple[str, float] | None:
+    if key not in TARGETS:
+        return None
+    op, spec = TARGETS[key]
+    if isinstance(spec, dict):
+        return (op, spec[n]) if n in spec else None
+    return op, spec
+
+
+def summarize(sessions: list[dict[str, Any]], configs: list[Config]) -> dict[str, Any]:
+    """Medians per (config, app) and medians of per-repetition ratios to the baseline."""
+    by: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for s in sessions:
+        by[(s["config"], s["app"], s["rep"])] = s
+    reps = sorted({s["rep"] for s in sessions})
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        base_key = Config(cfg.n, "memory", cfg.deflate).key
+        entry: dict[str, Any] = {"n": cfg.n, "backend": cfg.backend, "deflate": cfg.deflate, "figures": {}}
+        for key, *_ in FIGURES:
+            base_vals, pomo_vals, ratios = [], [], []
+            for rep in reps:
+                b = by.get((base_key, "baseline", rep))
+                p = by.get((cfg.key, "pomo", rep))
+                if b and b.get("ok") and key in b:
+                    base_vals.append(b[key])
+                if p and p.get("ok") and key in p:
+                    pomo_vals.append(p[key])
+                if b and p and b.get("ok") and p.get("ok") and key in b and key in p and b[key]:
+                    ratios.append(p[key] / b[key])
+            entry["figures"][key] = {
+                "baseline": statistics.median(base_vals) if base_vals else None,
+                "pomo": statistics.median(pomo_vals) if pomo_vals else None,
+                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio_min": min(ratios) if ratios else None,
+                "ratio_max": max(ratios) if ratios else None,
+                "reps": len(ratios),
+            }
+        if cfg.backend == "redis":
+            mem_key = Config(cfg.n, "memory", cfg.deflate).key
+            rr = []
+            for rep in reps:
+                m, r = by.get((mem_key, "pomo", rep)), by.get((cfg.key, "pomo", rep))
+                if m and r and m.get("ok") and r.get("ok"):
+                    rr.append(r["fanout_us"] / m["fanout_us"])
+            entry["redis_vs_memory"] = statistics.median(rr) if rr else None
+        bound = [
+            s.get("client_bound")
+            for s in sessions
+            if s["config"] in (cfg.key, base_key) and s.get("ok") and s["app"] in ("pomo", "baseline")
+        ]
+        entry["client_bound"] = f"{sum(1 for b in bound if b)}/{len(bound)}"
+        out[cfg.key] = entry
+    return out
+
+
+def rep_label(rep: int) -> str:
+    """``rep 2``, or ``run 3 rep 1`` for results merged from several runs."""
+    return f"run {rep // 1000 + 1} rep {rep % 1000 + 1}" if rep >= 1000 else f"rep {rep + 1}"
+
+
+def verdict(key: str, ratio: float | None, n: int) -> str:
+    target = target_for(key, n)
+    if target is None or ratio is None:
+        return ""
+    op, value = target
+    ok = ratio <= value if op == "<=" else ratio >= value
+    return f"{op} {value:g} {'✅' if ok else '❌'}"
+
+
+def paired_markdown(psum: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Fan-out server CPU per delivery, paired bursts (the headline figure)",
+        "",
+        "All servers up at once, N connections each; each round runs one `broadcast_to_all` burst per server, "
+        "in rotating order, seconds apart. Medians over all rounds of all repetitions; ratios are per round.",
+        "",
+        "| config | rounds | baseline µs | package (memory) µs | ratio | (min-max) | target "
+        "| package (Redis) µs | rounds | ratio | Redis ÷ memory |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, e in psum.items():
+        ratio = e.get("pomo-memory/baseline")
+        lo, hi = e.get("pomo-memory/baseline range", (math.nan, math.nan))
+        redis_us = e.get("pomo-redis")
+        redis_ratio = e.get("pomo-redis/baseline")
+        rvm = e.get("redis/memory")
+        rvm_txt = "-" if rvm is None else f"**{rvm:.3f}**"
+        if rvm is not None and e["n"] == 1000:
+            rvm_txt += f" (≤ {REDIS_TARGET} {'✅' if rvm <= REDIS_TARGET else '❌'})"
+        lines.append(
+            f"| {key} | {e['rounds']} | {e['baseline-memory']:.2f} | "
+            f"{'-' if ratio is None else format(e['pomo-memory'], '.2f')} | "
+            f"{'-' if ratio is None else f'**{ratio:.3f}**'} | {lo:.2f}-{hi:.2f} | "
+            f"{'' if e['deflate'] else verdict('fanout_us', ratio, e['n'])} | "
+            f"{'-' if redis_us is None else format(redis_us, '.2f')} | {e.get('pomo-redis rounds', '-')} | "
+            f"{'-' if redis_ratio is None else format(redis_ratio, '.3f')} | {rvm_txt} |"
+        )
+    for key, e in psum.items():
+        ratio = e.get("metrics/no-metrics")
+        if ratio is not None:
+            ok = "✅" if ratio <= METRICS_TARGET else "❌"
+            lines.append(
+                f"{key}: package with metrics on ÷ metrics off, fan-out CPU per delivery: **{ratio:.3f}** "
+                f"(target ≤ {METRICS_TARGET} {ok}, {e.get('pomo-metrics-memory rounds', 0)} rounds)"
+            )
+            lines.append("")
+    lines.append("")
+    return lines
+
+
+def markdown(
+    summary: dict[str, Any],
+    meta: dict[str, Any],
+    sessions: list[dict[str, Any]],
+    paired: list[dict[str, Any]] | None = None,
+) -> str:
+    lines = [
+        f"# Benchmark results: {meta['mode']}",
+        "",
+        f"{meta['started']} · {meta['machine']} · Python {meta['python']} · uvicorn {meta['uvicorn']} "
+        f"(websockets-sansio) · Starlette {meta['starlette']} · repetitions: {meta['reps']} (interleaved) · "
+        f"server pinned to CPU {_proc.SERVER_CPU}, {meta['loadgens']} load-generator process(es) + driver on CPU "
+        f"{_proc.CLIENT_CPU} · command: `{meta['command']}`",
+        "",
+        "Values are medians over repetitions; **ratio** is the median of per-repetition ratios package ÷ baseline "
+        "(baseline = the thinnest Starlette fan-out, `benchmarks/baseline_app.py`, same run, same load).",
+        "",
+    ]
+    paired = paired or []
+    failed = [s for s in sessions if not s.get("ok")]
+    losses = sum(s.get("losses", 0) for s in sessions) + sum(p.get("losses", 0) for p in paired)
+    lines.append(
+        f"**Losses: {losses}** in {len(sessions)} sessions and {len(paired)} paired runs; "
+        f"failed: {len(failed) + sum(1 for p in paired if not p.get('ok'))}."
+    )
+    lines.append("")
+    psum = summarize_paired(paired)
+    if psum:
+        lines += paired_markdown(psum)
+        lines.append("## Every figure, session by session")
+        lines.append("")
+        lines.append(
+            "Each session is one server run through every phase; sessions of one repetition run one after "
+            "the other, so these ratios carry the machine's drift between sessions."
+        )
+        lines.append("")
+    for key, entry in summary.items():
+        lines.append(f"## {key}")
+        lines.append("")
+        extra = f" · client-bound sessions: {entry['client_bound']}"
+        if entry.get("redis_vs_memory") is not None:
+            rvm = entry["redis_vs_memory"]
+            if entry["n"] == 1000:
+                target = f"target ≤ {REDIS_TARGET} {'✅' if rvm <= REDIS_TARGET else '❌'}"
+            else:
+                target = f"the target ≤ {REDIS_TARGET} is set at N=1,000"
+            extra += f" · Redis ÷ memory fan-out CPU: **{rvm:.3f}** ({target})"
+        lines.append(extra.lstrip(" ·"))
+        lines.append("")
+        lines.append("| figure | unit | baseline | package | ratio | (min-max) | target |")
+        lines.append("| --- | --- | ---: | ---: | ---: | --- | --- |")
+        for fkey, label, unit, _better in FIGURES:
+            f = entry["figures"][fkey]
+            ratio = f["ratio"]
+            rng = f"{f['ratio_min']:.2f}-{f['ratio_max']:.2f}" if ratio is not None and f["reps"] > 1 else ""
+            lines.append(
+                f"| {label} | {unit} | {_fmt(fkey, f['baseline'])} | {_fmt(fkey, f['pomo'])} | "
+                f"{'-' if ratio is None else f'**{ratio:.3f}**'} | {rng} | {verdict(fkey, ratio, entry['n'])} |"
+            )
+        lines.append("")
+    churn = [s for s in sessions if s.get("churn")]
+    if churn:
+        lines.append("## Memory over connect/disconnect churn")
+        lines.append("")
+        lines.append("| session | connected, MiB | after each close, MiB | after each reconnect, MiB | growth/conn |")
+        lines.append("| --- | ---: | --- | --- | ---: |")
+        for s in churn:
+            closed = ", ".join(f"{c['closed_mib']:.1f}" for c in s["churn"])
+            conn = ", ".join(f"{c['connected_mib']:.1f}" for c in s["churn"])
+            lines.append(
+                f"| {s['app']} {s['config']} {rep_label(s['rep'])} | {s['rss_connected_mib']:.1f} | {closed} | "
+                f"{conn} | {s['churn_growth_per_conn']:.0f} B |"
+            )
+        lines.append("")
+    if failed:
+        lines.append("## Failed sessions")
+        lines.append("")
+        for s in failed:
+            lines.append(f"- {s['app']} {s['config']} rep {s['rep']}: {s.get('error')}")
+        lines.append("")
+    for p in paired:
+        if not p.get("ok"):
+            lines.append(f"- paired N={p['n']} deflate={p['deflate']} rep {p['rep']}: {p.get('error')}")
+            lines.append("")
+    lines.append(
+        "Server CPU is utime+stime of the uvicorn process from `/proc/<pid>/stat` over the phase, divided by "
+        "deliveries (or handshakes, or requests). A session is *client-bound* when the load generators used "
+        "≥ 90 % of their core while the server used < 90 % of its; CPU per delivery stays comparable either way. "
+        "Latency p50/p99 is publish (`time.time_ns()` in the HTTP handler) to receipt, over paced broadcasts."
+    )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def chart(summary: dict[str, Any], path: Path, title: str, psum: dict[str, Any] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(summary)
+    shown = [
+        ("fanout_us", "fan-out CPU/delivery (lower is better)"),
+        ("p99_ms", "p99 latency (lower)"),
+        ("rss_per_conn", "idle memory/conn (lower)"),
+        ("handshakes_per_s", "handshakes/s (higher)"),
+        ("per_user_per_s", "per-user broadcasts/s (higher)"),
+    ]
+    psum = psum or {}
+    labels = [k.replace("N=", "").replace(" ", "\n").replace("deflate=", "deflate ") for k in keys]
+
+    def paired_for(k: str, what: str) -> float:
+        e = summary[k]
+        p = psum.get(f"N={e['n']} deflate={'on' if e['deflate'] else 'off'}", {})
+        name = f"pomo-{e['backend']}"
+        value = p.get(f"{name}/baseline") if what == "ratio" else p.get(name if what == "pomo" else "baseline-memory")
+        return float(value) if value is not None else 0.0
+
+    if psum:
+        shown.insert(0, ("paired", "fan-out CPU/delivery, paired bursts (lower)"))
+        shown[1] = ("fanout_us", "fan-out CPU/delivery, sessions (lower)")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    width = 0.8 / len(shown)
+    for i, (fkey, label) in enumerate(shown):
+        if fkey == "paired":
+            values = [paired_for(k, "ratio") for k in keys]
+        else:
+            values = [summary[k]["figures"][fkey]["ratio"] or 0 for k in keys]
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(keys))]
+        ax.bar(xs, values, width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("package ÷ baseline (median of ratios)")
+    ax.set_title("Ratios to the thinnest Starlette fan-out (1.0 = baseline)")
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[1]
+    if psum:
+        base = [paired_for(k, "baseline") for k in keys]
+        pomo = [paired_for(k, "pomo") for k in keys]
+    else:
+        base = [summary[k]["figures"]["fanout_us"]["baseline"] or 0 for k in keys]
+        pomo = [summary[k]["figures"]["fanout_us"]["pomo"] or 0 for k in keys]
+    xs = list(range(len(keys)))
+    ax.bar([x - 0.2 for x in xs], base, 0.4, label="baseline (send_text loop)", color="#999999")
+    ax.bar([x + 0.2 for x in xs], pomo, 0.4, label="starlette-pomo-ws", color="#d9534f")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("server CPU µs per delivery")
+    ax.set_title("Fan-out cost" + (", paired bursts" if psum else "") + " (lower is better)")
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def configs_of(sessions: list[dict[str, Any]]) -> list[Config]:
+    seen: dict[str, Config] = {}
+    for s in sessions:
+        n, backend, deflate = s["n"], s["config"].split()[1], s["config"].endswith("deflate=on")
+        if s["app"] == "pomo" or backend == "memory":
+            seen.setdefault(s["config"], Config(n, backend, deflate))
+    return sorted(seen.values(), key=lambda c: (c.deflate, c.n, c.backend))
+
+
+def write_outputs(
+    meta: dict[str, Any],
+    sessions: list[dict[str, Any]],
+    out: Path,
+    stem: str,
+    chart_too: bool,
+    paired: list[dict[str, Any]] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    paired = [{k: v for k, v in p.items() if k != "server_log"} for p in paired or []]
+    summary = summarize(sessions, configs_of(sessions))
+    psum = summarize_paired(paired)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = [{k: v for k, v in s.items() if k != "server_log"} for s in sessions]
+    data = {"meta": meta, "summary": summary, "paired_summary": psum, "sessions": clean, "paired": paired}
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    md = markdown(summary, meta, clean, paired)
+    (out / f"{stem}.md").write_text(md)
+    apps = {s["app"] for s in sessions}
+    if chart_too and {"baseline", "pomo"} <= apps:
+        try:
+            title = f"{stem}: {meta['started'][:10]}, medians; uvicorn {meta['uvicorn']} websockets-sansio, 2 cores"
+            chart(summary, out / f"{stem}.png", title, psum)
+        except ImportError:
+            print("matplotlib is not installed: no chart", file=sys.stderr)
+    return md, summary
+
+
+def merge(argv: list[str]) -> int:
+    """``python -m benchmarks merge A.json B.json ... --name full``: one table and chart from several runs."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks merge")
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    sessions: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
+    metas = []
+    for index, path in enumerate(args.files):
+        data = json.loads(path.read_text())
+        metas.append(data["meta"])
+        # Ratios pair sessions of the same repetition of the same run: keep the runs' repetitions apart.
+        for s in data["sessions"] + data.get("paired", []):
+            s["rep"] += 1000 * index
+        sessions += data["sessions"]
+        paired += data.get("paired", [])
+    meta = dict(metas[0])
+    meta["mode"] = args.name
+    meta["reps"] = "/".join(str(m["reps"]) for m in metas)
+    meta["loadgens"] = max(m["loadgens"] for m in metas)
+    meta["command"] = " + ".join(f"`{m['command']}`" for m in metas).strip("`")
+    meta["started"] = ", ".join(sorted({m["started"] for m in metas}))
+    md, _ = write_outputs(meta, sessions, args.out, args.name, chart_too=True, paired=paired)
+    print(md)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="N=100, for CI (< 1 min)")
+    group.add_argument("--quick", action="store_const", dest="mode", const="quick", help="N=1000, memory, 1 rep")
+    group.add_argument("--full", action="store_const", dest="mode", const="full", help="the whole matrix")
+    parser.add_argument("--apps", default="baseline,pomo", help="comma-separated: baseline, pomo")
+    parser.add_argument("--n", help="comma-separated connection counts (overrides the mode)")
+    parser.add_argument("--reps", type=int, help="interleaved repetitions (overrides the mode)")
+    parser.add_argument(
+        "--redis", metavar="URL", help="also run the package on Redis, e.g. redis://127.0.0.1:6379/14 (flushed!)"
+    )
+    parser.add_argument("--deflate", choices=["off", "on", "both"], help="permessage-deflate (overrides the mode)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for <mode>.json/.md/.png")
+    parser.add_argument("--name", help="file name stem (default: the mode)")
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument(
+        "--metrics", action="store_true", help="add the package with metrics on to the paired bursts (issue 7)"
+    )
+    parser.add_argument("--no-paired", action="store_true", help="skip the paired-burst fan-out measurement")
+    parser.add_argument("--no-sessions", action="store_true", help="only the paired-burst fan-out measurement")
+    parser.add_argument(
+        "--check-targets", action="store_true", help="exit with status 2 when a target of issue 5 is missed"
+    )
+    parser.set_defaults(mode="quick")
+    return parser.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    mode = MODES[args.mode]
+    sizes = [int(x) for x in args.n.split(",")] if args.n else mode.sizes
+    reps = args.reps or mode.reps
+    deflates = {"off": [False], "on": [True], "both": [False, True]}[args.deflate] if args.deflate else mode.deflate
+    apps = [a.strip() for a in args.apps.split(",") if a.strip()]
+    backends = ["memory"] + (["redis"] if args.redis and "pomo" in apps else [])
+    _proc.raise_nofile(max(sizes) + 1024)
+    _proc.pin_self(_proc.CLIENT_CPU)
+
+    import starlette
+    import uvicorn
+
+    meta = {
+        "mode": args.name or mode.name,
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "uvicorn": uvicorn.__version__,
+        "starlette": starlette.__version__,
+        "reps": reps,
+        "apps": apps,
+        "redis": bool(args.redis),
+        "loadgens": max(1, math.ceil(max(sizes) / CONNS_PER_LOADGEN)),
+        "command": "python -m benchmarks run " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["run"] else sys.argv[1:]),
+    }
+    gens = [LoadGen(i) for i in range(meta["loadgens"])]
+    sessions: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
+    try:
+        for g in gens:
+            await g.start()
+        for rep in range(reps):
+            for n in sizes:
+                for deflate in deflates:
+                    plan = [("baseline", "memory")] if "baseline" in apps else []
+                    plan += [("pomo", b) for b in backends] if "pomo" in apps else []
+                    if rep % 2:
+                        plan.reverse()  # interleave: alternate which app runs first
+                    for app, backend in [] if args.no_sessions else plan:
+                        cfg = Config(n, backend, deflate)
+                        t0 = time.monotonic()
+                        print(f"[rep {rep + 1}/{reps}] {app:8} {cfg.key} ...", end=" ", flush=True)
+                        result = await Session(app, cfg, mode, gens, args.redis).run()
+                        result["rep"] = rep
+                        sessions.append(result)
+                        if result["ok"]:
+                            print(
+                                f"fan-out {result['fanout_us']:.2f} µs/delivery, {result['fanout_per_s']:,.0f}/s, "
+                                f"p99 {result['p99_ms']:.1f} ms, {result['handshakes_per_s']:,.0f} handshakes/s, "
+                                f"{result['rss_per_conn'] / 1024:.1f} KiB/conn, "
+                                f"{result['per_user_per_s']:,.0f} per-user/s ({time.monotonic() - t0:.0f} s)",
+                                flush=True,
+                            )
+                        else:
+                            print(f"FAILED: {result['error']}", flush=True)
+                            if result.get("server_log"):
+                                print(result["server_log"], file=sys.stderr)
+                        # Written after every session, so that an interrupted run keeps what it measured.
+                        write_outputs(meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired)
+                    if "pomo" in apps and "baseline" in apps and not args.no_paired:
+                        t0 = time.monotonic()
+                        print(f"[rep {rep + 1}/{reps}] paired   N={n} deflate={deflate} ...", end=" ", flush=True)
+                        p = await paired_fanout(n, deflate, backends, mode, gens, args.redis, rep, metrics=args.metrics)
+                        paired.append(p)
+                        if p["ok"]:
+                            ratios = [r["pomo-memory"] / r["baseline-memory"] for r in p["rounds"]]
+                            print(
+                                f"package ÷ baseline per round: {', '.join(f'{x:.2f}' for x in ratios)} "
+                                f"({time.monotonic() - t0:.0f} s)",
+                                flush=True,
+                            )
+                        else:
+                            print(f"FAILED: {p['error']}", flush=True)
+                            print(p.get("server_log", ""), file=sys.stderr)
+                        write_outputs(meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired)
+    finally:
+        for g in gens:
+            await g.stop()
+    md, summary = write_outputs(meta, sessions, args.out, meta["mode"], chart_too=not args.no_chart, paired=paired)
+    print()
+    print(md)
+    failed = [s for s in sessions + paired if not s.get("ok")]
+    if failed or any(s.get("losses") for s in sessions + paired):
+        return 1
+    if args.check_targets:
+        for entry in summary.values():
+            for key in TARGETS:
+                if verdict(key, entry["figures"][key]["ratio"], entry["n"]).endswith("❌"):
+                    return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(amain(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
