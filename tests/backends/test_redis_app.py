@@ -1,0 +1,75 @@
+"""The app on Redis while Redis fails: sockets stay up, broadcasts raise, health degrades, and it all heals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from starlette_pomo_ws import BackendUnavailable, PomoWS
+from starlette_pomo_ws.backends.redis import RedisBackend
+
+from ..conftest import make_app, make_settings, make_token, recv, run_server
+from .conftest import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+async def health_becomes(http: httpx.AsyncClient, status: str, within: float = 10) -> None:
+    """Poll /ws/health (bounded) until it reports `status`: the backend notices an outage on its own time."""
+    with anyio.fail_after(within):
+        for _ in range(int(within * 20)):
+            if (await http.get("/ws/health")).json()["status"] == status:
+                return
+            await anyio.sleep(0.05)
+    raise AssertionError(f"/ws/health never became {status!r}")
+
+
+async def test_a_redis_outage_degrades_without_dropping_sockets_or_events(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    redis_server = redis_server_factory()
+    redis_server.start(persist=True)  # AOF on: a restart keeps the history
+    backend = RedisBackend(redis_server.url, socket_timeout=0.5, heartbeat_interval=0.5)
+    pomo = PomoWS(make_settings(cursor_secret="shared-by-every-node"), backend=backend)
+    async with run_server(make_app(pomo)) as server, httpx.AsyncClient(base_url=server.http) as http:
+        async with connect(server.url(f"/ws?token={make_token('u1')}")) as ws:
+            assert (await recv(ws))["type"] == "CONNECTION_ESTABLISHED"
+            before = await pomo.broadcaster.broadcast_to_user("u1", "TASK_CREATED", {"n": 1})
+            assert (await recv(ws))["id"] == before.id
+            assert (await http.get("/ws/health")).json()["status"] == "ok"
+
+            redis_server.stop()
+            with anyio.fail_after(5), pytest.raises(BackendUnavailable, match="Redis"):
+                await pomo.broadcaster.broadcast_to_user("u1", "TASK_CREATED", {"n": 2})
+            await health_becomes(http, "degraded")
+            health = await http.get("/ws/health")
+            assert health.status_code == 200, "a degraded node still serves its sockets"
+            assert health.json()["backend"] == {"kind": "redis", "connected": False}
+            assert "redis://" not in health.text
+            # The socket is still up: the protocol answers without the backend.
+            await ws.send(json.dumps({"type": "PING"}))
+            assert (await recv(ws))["type"] == "PONG"
+
+            redis_server.start(persist=True)
+            await health_becomes(http, "ok", within=20)
+            after = None
+            with anyio.fail_after(10):
+                while after is None:  # the command connection may need one more reconnect
+                    try:
+                        after = await pomo.broadcaster.broadcast_to_user("u1", "TASK_UPDATED", {"n": 3})
+                    except BackendUnavailable:
+                        await anyio.sleep(0.1)
+            event = await recv(ws, within=10)
+            while event["type"] == "HEARTBEAT":
+                event = await recv(ws, within=10)
+            assert (event["type"], event["id"]) == ("TASK_UPDATED", after.id)
+        # The event before the outage is still in the history after the restart (AOF).
+        async with connect(server.url(f"/ws?token={make_token('u1')}&last_event_id={before.id}")) as ws:
+            established = await recv(ws)
+            assert established["data"]["resumed"] is True
+            assert (await recv(ws))["id"] == after.id
