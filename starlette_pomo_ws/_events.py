@@ -124,11 +124,19 @@ def dumps(value: Any) -> str:
         raise TypeError(f"Event data is not valid JSON: {exc}") from exc
 
 
+def _json_string(value: str | None) -> str:
+    """A JSON string literal; plain printable ASCII (event types, most user ids) skips the encoder."""
+    if value is None:
+        return "null"
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return _encoder.encode(value)
+
+
 def envelope_head(type_: str, user_id: str | None, data_json: str, timestamp: str) -> str:
     """The envelope without its closing brace, so that a node can append the `id` once per event."""
     return (
-        f'{{"type":{_encoder.encode(type_)},"userId":{_encoder.encode(user_id)},'
-        f'"data":{data_json},"timestamp":"{timestamp}"'
+        f'{{"type":{_json_string(type_)},"userId":{_json_string(user_id)},"data":{data_json},"timestamp":"{timestamp}"'
     )
 
 

@@ -28,3 +28,19 @@ def test_cursors_are_bound_to_their_user_and_key() -> None:
 def test_event_types_are_strings() -> None:
     assert EventType.TASK_CREATED == "TASK_CREATED"
     assert str(EventType.RESYNC_REQUIRED) == "RESYNC_REQUIRED"
+
+
+@given(st.text(max_size=40), st.one_of(st.none(), st.text(max_size=40)))
+def test_the_envelope_is_valid_json_for_any_type_and_user(type_: str, user_id: str | None) -> None:
+    import json
+
+    from starlette_pomo_ws._events import envelope_head, with_id
+
+    text = with_id(envelope_head(type_, user_id, '{"a":1}', "2025-01-06T12:00:00.000Z"), "e.1.sig")
+    assert json.loads(text) == {
+        "type": type_,
+        "userId": user_id,
+        "data": {"a": 1},
+        "timestamp": "2025-01-06T12:00:00.000Z",
+        "id": "e.1.sig",
+    }

@@ -102,8 +102,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-        self._connect()
+        self._db: sqlite3.Connection | None = None  # opened at the first query, so an app never run opens nothing
 
     def __repr__(self) -> str:
         return f"Store(path={self.path!r})"
@@ -117,9 +116,9 @@ class Store:
         return self._db
 
     def close(self) -> None:
-        """Close the database. The next call opens it again."""
+        """Close the database (a `:memory:` one loses its data). The next call opens it again."""
         with self._lock:
-            if self._db is not None and self.path != ":memory:":
+            if self._db is not None:
                 self._db.close()
                 self._db = None
 

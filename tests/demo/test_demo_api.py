@@ -331,8 +331,9 @@ def test_store_edges(tmp_path: Path) -> None:
     assert store.update_task("u", "missing", {}) is None
     assert store.end_session("u", "missing", completed=True, now=0) is None
     assert store.get_session("u", "missing") is None
-    store.close()  # a memory store stays open
-    assert store.list_tasks("u") == []
+    store.close()
+    assert store.list_tasks("u") == []  # reopened on use
+    store.close()
     on_disk = Store(tmp_path / "s.sqlite3")
     task = on_disk.create_task("u", "t")
     on_disk.close()
