@@ -56,6 +56,7 @@ class Broadcaster:
         self.backend = backend
         self.node_id = secrets.token_hex(4)
         self.registry = Registry()
+        self._shared = backend.kind != "memory"  # events come from other processes: per-user subscriptions
         self._signer: CursorSigner | None = None
         self._running = False
         self._accepting = False
@@ -256,14 +257,14 @@ class Broadcaster:
     async def cluster_user_connection_count(self, user_id: str) -> int:
         """Connections of `user_id` on every node (equal to the local count on the memory backend)."""
         self._check_running()
-        if self.backend.kind == "memory":
+        if not self._shared:
             return self.user_connection_count(user_id)
         return await self.backend.cluster_user_count(str(user_id))
 
     async def cluster_total_connection_count(self) -> int:
         """Connections on every node (equal to the local count on the memory backend)."""
         self._check_running()
-        if self.backend.kind == "memory":
+        if not self._shared:
             return self.total_connection_count()
         return await self.backend.cluster_total_count()
 
@@ -273,7 +274,7 @@ class Broadcaster:
         """Reserve a slot under `max_connections_per_user` (cluster-wide where the backend shares) and
         register the connection; False when the user has no slot left. The caller must `release()` it."""
         limit = self.settings.max_connections_per_user
-        if self.backend.kind == "memory":
+        if not self._shared:
             if self.registry.user_count(connection.user_id) >= limit:
                 return False
         else:
@@ -288,7 +289,8 @@ class Broadcaster:
     async def establish(self, connection: Connection, last_event_id: str | None) -> None:
         """Subscribe, then send CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events."""
         user_id = connection.user_id
-        await self._subscribe(user_id)
+        if self._shared:  # the memory backend delivers every event of this process: nothing to subscribe
+            await self._subscribe(user_id)
         if connection.mode == CLOSED:
             return
         resync_reason: str | None = None
@@ -389,7 +391,7 @@ class Broadcaster:
                 self._unsubscribing[user_id] = task
                 self._tasks.add(task)
                 task.add_done_callback(self._task_done)
-        if self.backend.kind != "memory" and self._running:
+        if self._shared and self._running:
             self._spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))
 
     async def _unsubscribe(self, user_id: str, subscription: asyncio.Future[None]) -> None:
