@@ -20,7 +20,7 @@ from ._auth import (
     origin_allowed,
     raw_header,
 )
-from ._broadcaster import Broadcaster, _text, fit_reason
+from ._broadcaster import _NOT_STARTED, Broadcaster, _text, fit_reason
 from ._connection import CLOSED, Connection
 from ._events import CursorSigner, iso_timestamp, protocol_message
 from ._lifespan import install_bare_route
@@ -29,7 +29,7 @@ from ._settings import Settings
 from ._types import Message, Receive, Scope, Send
 from .backends import create_backend
 from .backends.base import Backend
-from .exceptions import AuthenticationError, ConfigurationError
+from .exceptions import AuthenticationError
 
 __all__ = ["PomoWS"]
 
@@ -203,7 +203,7 @@ class PomoWS:
         subprotocol = next((name for name in scope.get("subprotocols") or () if name.strip().lower() == "bearer"), None)
         if not broadcaster.accepting:
             if not broadcaster.running:
-                logger.error("%s", ConfigurationError.__name__ + ": " + _not_started_hint())
+                logger.error("NotStartedError: %s", _NOT_STARTED)
                 broadcaster.stats.rejected["not_started"] += 1
                 await _refuse(send, subprotocol, 1011, "Internal error")
             else:
@@ -375,12 +375,6 @@ def _uses_cookie(connection: HTTPConnection, settings: Settings) -> bool:
 
 def _error(connection: Connection, code: str, message: str) -> None:
     connection.push(_text(protocol_message("ERROR", connection.user_id, {"code": code, "message": message})))
-
-
-def _not_started_hint() -> str:
-    from ._broadcaster import _NOT_STARTED
-
-    return _NOT_STARTED
 
 
 async def _refuse(send: Send, subprotocol: str | None, code: int, reason: str) -> None:

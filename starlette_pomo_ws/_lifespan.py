@@ -49,12 +49,11 @@ def install_bare_route(app: Any, pomo: PomoWS) -> None:
         return  # not a Starlette router (e.g. Litestar, whose plugin routes the path itself)
     from starlette.routing import Mount, WebSocketRoute
 
-    for index, route in enumerate(list(routes)):
+    for route in list(routes):
         if isinstance(route, Mount) and route.app is pomo:
             prefix = route.path
             already = any(
                 isinstance(r, WebSocketRoute) and r.path == prefix and isinstance(r.app, _BarePath) for r in routes
             )
-            if prefix and not already:
+            if prefix and not already:  # just before the mount, so that it wins for the exact path
                 routes.insert(routes.index(route), WebSocketRoute(prefix, _BarePath(pomo, prefix)))
-        del index
