@@ -55,6 +55,7 @@ class Connection:
         "_dead",
         "_reader",
         "_send",
+        "_woken",
         "_writer",
         "accepted",
         "backlog",
@@ -102,6 +103,7 @@ class Connection:
         self._reader: asyncio.Task[Any] | None = None
         self._closing = False
         self._dead = False  # the transport is gone: the reader must stop waiting on receive()
+        self._woken = False  # we cancelled the reader's receive() ourselves
 
     def __repr__(self) -> str:
         return f"<Connection id={self.id!r} user_id={self.user_id!r}>"
@@ -299,12 +301,17 @@ class Connection:
         reader = self._reader
         if reader is not None and reader is not asyncio.current_task() and not reader.done():
             self._closing = True
+            self._woken = True
             reader.cancel()
 
     def reader_cancelled(self) -> bool:
-        """Whether a CancelledError in the reader came from `_wake_reader` (then the handler just returns)."""
-        if not self._closing or self.mode != CLOSED:
+        """Whether a CancelledError in the reader came from `_wake_reader` (then the handler just returns).
+
+        Any other cancellation (the server's, a timeout's) is not ours to swallow.
+        """
+        if not self._woken:
             return False
+        self._woken = False
         reader = self._reader
         if reader is not None and sys.version_info >= (3, 11):
             reader.uncancel()
