@@ -55,7 +55,9 @@ function renderTimer() {
   let remaining = state.settings ? state.settings.workDuration * 60 : 25 * 60;
   if (session) {
     const end = Date.parse(session.startTime) + session.duration * 1000;
-    remaining = Math.max(0, Math.ceil((end - (Date.now() + state.clockOffset)) / 1000));
+    // The clock offset is an estimate: never show more than the session's own length.
+    const left = Math.ceil((end - (Date.now() + state.clockOffset)) / 1000);
+    remaining = Math.min(session.duration, Math.max(0, left));
     if (remaining === 0 && state.endingSession !== session.id) {
       // Every tab may try; the server ends a session once and ignores the rest.
       state.endingSession = session.id;
