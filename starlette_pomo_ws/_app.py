@@ -20,9 +20,9 @@ from ._auth import (
     origin_allowed,
     raw_header,
 )
-from ._broadcaster import _NOT_STARTED, Broadcaster, _text, fit_reason
+from ._broadcaster import _NOT_STARTED, Broadcaster, fit_reason
 from ._connection import CLOSED, Connection
-from ._events import CursorSigner, iso_timestamp, protocol_message
+from ._events import CursorSigner, iso_timestamp
 from ._lifespan import install_bare_route
 from ._metrics import MetricsCollector
 from ._settings import Settings
@@ -316,7 +316,7 @@ class PomoWS:
             _error(connection, "missing_type", "Messages must have a string 'type'.")
             return
         if type_ == "PING":
-            connection.push(_text(protocol_message("PONG", connection.user_id, None)))
+            connection.notify("PONG")
         elif type_ == "REFRESH_TOKEN":
             await self._refresh(connection, payload.get("data"))
         elif self.on_message is not None:
@@ -358,7 +358,7 @@ class PomoWS:
         connection.expires_at = principal.expires_at
         self.broadcaster.schedule_expiry(connection)
         expires = iso_timestamp(principal.expires_at) if principal.expires_at is not None else None
-        connection.push(_text(protocol_message("TOKEN_REFRESHED", connection.user_id, {"expiresAt": expires})))
+        connection.notify("TOKEN_REFRESHED", {"expiresAt": expires})
 
 
 def _route_path(scope: Scope) -> str:
@@ -374,7 +374,7 @@ def _uses_cookie(connection: HTTPConnection, settings: Settings) -> bool:
 
 
 def _error(connection: Connection, code: str, message: str) -> None:
-    connection.push(_text(protocol_message("ERROR", connection.user_id, {"code": code, "message": message})))
+    connection.notify("ERROR", {"code": code, "message": message})
 
 
 async def _refuse(send: Send, subprotocol: str | None, code: int, reason: str) -> None:

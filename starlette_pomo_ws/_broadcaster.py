@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from ._connection import CLOSED, QUEUED, RESUMING, Connection
@@ -66,7 +66,7 @@ class Broadcaster:
         self._dead_expiries = 0  # entries of closed connections or replaced tokens, still in the heap
         self._expiry_ids = itertools.count()
         self._ticker: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: dict[str, asyncio.Future[None]] = {}
         self._unsubscribing: dict[str, asyncio.Task[None]] = {}
         self._last_all = 0.0
@@ -387,12 +387,9 @@ class Broadcaster:
             self._user_activity.pop(user_id, None)
             subscription = self._subscriptions.pop(user_id, None)
             if subscription is not None and self._running:
-                task = asyncio.ensure_future(self._unsubscribe(user_id, subscription))
-                self._unsubscribing[user_id] = task
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
+                self._unsubscribing[user_id] = self._spawn(self._unsubscribe(user_id, subscription))
         if self._shared and self._running:
-            self._spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))
+            _ = self._spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))  # kept in _tasks
 
     async def _unsubscribe(self, user_id: str, subscription: asyncio.Future[None]) -> None:
         try:
@@ -403,12 +400,13 @@ class Broadcaster:
             if self._unsubscribing.get(user_id) is asyncio.current_task():
                 del self._unsubscribing[user_id]
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning("Background backend call failed: %r", task.exception())
@@ -483,17 +481,9 @@ class Broadcaster:
                 continue
             if kind == _WARN:
                 expires_at = connection.expires_at or time.time()
-                connection.push(
-                    _text(
-                        protocol_message(
-                            EventType.TOKEN_EXPIRING,
-                            connection.user_id,
-                            {
-                                "expiresAt": iso_timestamp(expires_at),
-                                "expiresIn": max(0, round(expires_at - time.time(), 3)),
-                            },
-                        )
-                    )
+                connection.notify(
+                    EventType.TOKEN_EXPIRING,
+                    {"expiresAt": iso_timestamp(expires_at), "expiresIn": max(0, round(expires_at - time.time(), 3))},
                 )
             else:
                 connection.abort(1008, "Authentication token expired")
@@ -508,7 +498,7 @@ class Broadcaster:
                 continue
             last = max(connection.last_sent, activity.get(connection.user_id, 0.0))
             if now - last >= interval:
-                connection.push(_text(protocol_message(EventType.HEARTBEAT, connection.user_id, None)))
+                connection.notify(EventType.HEARTBEAT)
 
     # -- health -----------------------------------------------------------------------------------------
 

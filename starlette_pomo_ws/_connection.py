@@ -112,6 +112,10 @@ class Connection:
 
     async def send(self, type: str, data: Any = None) -> None:
         """Send one protocol message (no `id`) to this connection only. Never waits on the socket."""
+        self.notify(type, data)
+
+    def notify(self, type: str, data: Any = None) -> None:
+        """`send()` for code that is not async: the server's own protocol messages (PONG, ERROR, ...)."""
         self.push({"type": "websocket.send", "text": protocol_message(type, self.user_id, data)})
 
     # -- the outgoing path ------------------------------------------------------------------------------
