@@ -8,7 +8,7 @@ each over stdin/stdout, one JSON object per line. Commands:
 * ``expect``: arm the per-connection counters for the next phase;
 * ``wait``: wait (bounded) until every connection got its expected events, then check counts and
   seq checksums and return the latencies;
-* ``close``: close every connection (bounded wait);
+* ``close``: close every connection of a group, or its ``last`` few (bounded wait);
 * ``exit``.
 """
 
@@ -154,7 +154,15 @@ class LoadGen:
     async def cmd_close(self, msg: dict[str, Any]) -> dict[str, Any]:
         names = list(self.groups) if msg.get("all") else [msg.get("group", "")]
         conns: list[ClientConn] = []
+        users: list[str] = []
+        last = msg.get("last")
         for name in names:
+            if last:  # close only the group's last ``last`` connections; the group stays
+                kept = self.groups[name]
+                conns += kept.conns[-last:]
+                users += kept.users[-last:]
+                del kept.conns[-last:], kept.users[-last:]
+                continue
             group = self.groups.pop(name, None)
             if group is not None:
                 conns += group.conns
@@ -169,7 +177,7 @@ class LoadGen:
                 conn.transport.abort()
                 aborted += 1
         await asyncio.sleep(0)
-        return {"closed": len(conns), "aborted": aborted}
+        return {"closed": len(conns), "aborted": aborted, "users": users}
 
 
 async def main() -> None:

@@ -15,6 +15,15 @@ to core 1. Every session runs the same phases:
    connections: broadcasts/s and server CPU µs per request;
 6. ``churn`` (not in smoke): close all and reconnect, twice: RSS after each cycle.
 
+Then, per repetition, the *paired rounds* (the headline figures): the baseline, the package (each
+backend, and with ``--metrics`` once more with its metrics on) and the floor app
+(``benchmarks/floor_app.py``, the thinnest loop a mounted app can have) all hold N connections at
+once, and each round runs one burst of every kind per server in rotating order: fan-out, paced
+latency, per-user requests, and closing then reopening up to 1,000 connections (handshakes). Ratios
+are taken within a round, seconds apart, so the machine's drift between sessions (±30 % over
+minutes on a shared VM, and a full garbage collection now and then) cancels; the reported ratio
+is the median over all rounds of all repetitions.
+
 Every expected delivery is counted (and seq checksums compared): one lost or extra message fails
 the run (exit status 1). Results go to ``benchmarks/results/<mode>.{json,md,png}``.
 """
@@ -52,6 +61,7 @@ APP_MODULES = {
     "baseline": "benchmarks.baseline_app:app",
     "pomo": "benchmarks.pomo_app:app",
     "pomo-metrics": "benchmarks.pomo_app:app",  # the same app with Settings(metrics=True)
+    "floor": "benchmarks.floor_app:app",  # the thinnest mounted loop: a reference, not a competitor
 }
 METRICS_TARGET = 1.05  # issue 7: metrics on costs at most 5 % more fan-out CPU than metrics off
 
@@ -78,12 +88,30 @@ class Mode:
     deflate: list[bool] = field(default_factory=lambda: [False])
     stall: float = 10.0  # seconds without any new delivery before a phase counts as lossy
     paired_rounds: int = 8
+    paired_deliveries: int = 20_000  # per fan-out burst
+    paired_user_requests: int = 2_000  # per per-user burst (rounded up to a multiple of the users)
+    paired_handshakes: int = 1_000  # connections closed and reopened per handshake burst (at most N)
+    paired_latency_events: int = 10  # paced broadcasts per latency burst (a third of it at N=10,000)
 
 
 MODES = {
-    "smoke": Mode("smoke", [100], 1, 2_000, 5, 200, 0, stall=3.0, paired_rounds=2),
-    "quick": Mode("quick", [1000], 1, 100_000, 30, 2_000, 2, paired_rounds=6),
-    "full": Mode("full", [1000, 10000], 3, 200_000, 30, 5_000, 2, [False, True]),
+    "smoke": Mode(
+        "smoke",
+        [100],
+        1,
+        2_000,
+        5,
+        200,
+        0,
+        stall=3.0,
+        paired_rounds=2,
+        paired_user_requests=200,
+        paired_latency_events=5,
+    ),
+    "quick": Mode("quick", [1000], 1, 100_000, 30, 2_000, 2, paired_rounds=6, paired_deliveries=100_000),
+    "full": Mode(
+        "full", [1000, 10000], 3, 200_000, 30, 5_000, 2, [False, True], paired_rounds=6, paired_deliveries=100_000
+    ),
 }
 
 
@@ -243,6 +271,10 @@ class Session:
 
     # -- helpers ---------------------------------------------------------------------------------
     async def connect(self, indexes: list[list[int]], prefix: str = "u") -> tuple[float, int]:
+        """Connect ``indexes[i]`` from load generator i (users have 2 connections): (wall s, connected)."""
+        return await self.connect_users([[f"{prefix}{g // 2}" for g in idx] for idx in indexes])
+
+    async def connect_users(self, users: list[list[str]]) -> tuple[float, int]:
         msgs = [
             {
                 "cmd": "connect",
@@ -251,15 +283,15 @@ class Session:
                 "path": "/ws",
                 "deflate": self.config.deflate,
                 "secret": SECRET,
-                "users": [f"{prefix}{g // 2}" for g in idx],
+                "users": mine,
                 "concurrency": HANDSHAKE_CONCURRENCY,
                 "timeout": 30,
-                "total_timeout": 60 + len(idx) * 0.1,
+                "total_timeout": 60 + len(mine) * 0.1,
             }
-            for idx in indexes
+            for mine in users
         ]
-        longest = max(len(i) for i in indexes)
-        replies = await call_all(self.gens[: len(indexes)], msgs, 90 + longest * 0.1)
+        longest = max(len(u) for u in users)
+        replies = await call_all(self.gens[: len(users)], msgs, 90 + longest * 0.1)
         failed = sum(r["failed"] for r in replies)
         if failed:
             raise SessionFailed(f"{failed} handshakes failed, e.g. {replies[0]['errors'] or replies[-1]['errors']}")
@@ -396,11 +428,23 @@ class Session:
         r["fanout_sat_p50_ms"] = quantile(lat, 0.5) / 1e6
         r["fanout_sat_p99_ms"] = quantile(lat, 0.99) / 1e6
 
-    async def phase_latency(self) -> None:
+    def latency_plan(self, events: int) -> tuple[int, float]:
         n = self.config.n
-        events = self.mode.latency_events if n <= 1000 else max(10, self.mode.latency_events // 3)
+        events = events if n <= 1000 else max(5, events // 3)
         # About a third of the baseline's capacity on this machine, the same for both apps.
-        interval = max(0.01, n * (200e-6 if self.config.deflate else 80e-6))
+        return events, max(0.01, n * (200e-6 if self.config.deflate else 80e-6))
+
+    async def phase_latency(self) -> None:
+        events, interval = self.latency_plan(self.mode.latency_events)
+        p50, p99 = await self.burst_latency(events, interval)
+        self.result["latency_events"] = events
+        self.result["latency_interval_ms"] = interval * 1e3
+        self.result["p50_ms"] = p50
+        self.result["p99_ms"] = p99
+
+    async def burst_latency(self, events: int, interval: float) -> tuple[float, float]:
+        """``events`` single broadcasts ``interval`` s apart: publish-to-receipt p50 and p99, in ms."""
+        n = self.config.n
         await self.expect({"kind": "all", "seq": self.seq, "count": events})
         http = await _proc.Http(self.port).open()
         try:
@@ -417,14 +461,19 @@ class Session:
         self.seq += events
         _, lat = await self.wait(events * n, "latency", latencies=True)
         lat = array("q", sorted(lat))
-        self.result["latency_events"] = events
-        self.result["latency_interval_ms"] = interval * 1e3
-        self.result["p50_ms"] = quantile(lat, 0.5) / 1e6
-        self.result["p99_ms"] = quantile(lat, 0.99) / 1e6
+        return quantile(lat, 0.5) / 1e6, quantile(lat, 0.99) / 1e6
 
     async def phase_per_user(self) -> None:
         users = self.users
         requests = math.ceil(max(users, self.mode.per_user_requests) / users) * users
+        per_s, cpu_us = await self.burst_per_user(requests)
+        self.result["per_user_requests"] = requests
+        self.result["per_user_per_s"] = per_s
+        self.result["per_user_cpu_us"] = cpu_us
+
+    async def burst_per_user(self, requests: int) -> tuple[float, float]:
+        """``requests`` per-user broadcasts from 8 keep-alive HTTP connections: (requests/s, server CPU µs each)."""
+        users = self.users
         await self.expect({"kind": "user", "requests": requests, "users": users})
         cpu0 = self.server_cpu()
         t0 = time.time_ns()
@@ -443,9 +492,23 @@ class Session:
         merged, _ = await self.wait(requests * 2, "per_user", latencies=False)
         cpu1 = self.server_cpu()
         wall = (max(merged["last_recv_ns"], time.time_ns()) - t0) / 1e9
-        self.result["per_user_requests"] = requests
-        self.result["per_user_per_s"] = requests / wall
-        self.result["per_user_cpu_us"] = (cpu1 - cpu0) * 1e6 / requests
+        return requests / wall, (cpu1 - cpu0) * 1e6 / requests
+
+    async def burst_handshakes(self, count: int) -> tuple[float, float]:
+        """Close the last ``count`` connections (spread over the load generators), then open them again.
+
+        Returns (handshakes/s, server CPU µs per handshake), both over the reconnection only.
+        """
+        share = [count // self.nproc + (1 if i < count % self.nproc else 0) for i in range(self.nproc)]
+        msgs = [{"cmd": "close", "timeout": 10, "group": self.group, "last": k} for k in share]
+        replies = await call_all(self.gens, msgs, 60)
+        await asyncio.sleep(0.3)  # let the server finish with the closed sockets before measuring
+        cpu0 = self.server_cpu()
+        wall, connected = await self.connect_users([r["users"] for r in replies])
+        cpu_us = (self.server_cpu() - cpu0) * 1e6 / count
+        if connected != self.config.n:
+            raise SessionFailed(f"{connected} of {self.config.n} connected after reconnecting {count}")
+        return count / wall, cpu_us
 
     async def phase_churn(self, rss_first: int) -> None:
         samples = []
@@ -462,7 +525,19 @@ class Session:
         self.result["churn_growth_per_conn"] = (last - rss_first) / self.config.n
 
 
-async def paired_fanout(
+PAIRED_FIGURES = [
+    # key, label, unit, better: every figure a paired round measures, per server
+    ("fanout_us", "fan-out server CPU", "µs/delivery", "lower"),
+    ("p50_ms", "latency p50 (paced)", "ms", "lower"),
+    ("p99_ms", "latency p99 (paced)", "ms", "lower"),
+    ("handshakes_per_s", "handshakes/s (JWT)", "1/s", "higher"),
+    ("handshake_cpu_us", "server CPU per handshake", "µs", "lower"),
+    ("per_user_per_s", "per-user broadcasts/s (HTTP)", "1/s", "higher"),
+    ("per_user_cpu_us", "server CPU per per-user request", "µs", "lower"),
+]
+
+
+async def paired_run(
     n: int,
     deflate: bool,
     backends: list[str],
@@ -471,18 +546,26 @@ async def paired_fanout(
     redis_url: str | None,
     rep: int,
     metrics: bool = False,
+    floor: bool = False,
 ) -> dict[str, Any]:
-    """Fan-out CPU with every server up at once and short bursts in rotating order.
+    """Every figure with every server up at once, in short bursts and rotating order.
 
     Sessions run minutes apart, and on a shared machine the CPU speed drifts by ±30 % over minutes.
-    Here the baseline and the package (each backend) hold N connections each, and each round runs
-    one burst per server, seconds apart: the ratio of two bursts in one round cancels most drift.
+    Here the baseline and the package (each backend) hold N connections each, and each round runs one
+    burst of each kind per server (fan-out, paced latency, per-user requests, reconnecting a slice of
+    the connections), seconds apart: the ratio of two bursts in one round cancels most drift.
     """
     sessions = [Session("baseline", Config(n, "memory", deflate), mode, gens, redis_url)]
     sessions += [Session("pomo", Config(n, b, deflate), mode, gens, redis_url) for b in backends]
     if metrics:  # the package again, with its Prometheus metrics on
         sessions.append(Session("pomo-metrics", Config(n, "memory", deflate), mode, gens, redis_url))
-    broadcasts = max(FANOUT_BATCH, math.ceil(20_000 / n / FANOUT_BATCH) * FANOUT_BATCH)
+    if floor:  # the thinnest loop any mounted app can have: where the package's floor is
+        sessions.append(Session("floor", Config(n, "memory", deflate), mode, gens, redis_url))
+    broadcasts = max(FANOUT_BATCH, math.ceil(mode.paired_deliveries / n / FANOUT_BATCH) * FANOUT_BATCH)
+    users = n // 2
+    user_requests = math.ceil(mode.paired_user_requests / users) * users
+    handshakes = min(n, mode.paired_handshakes)
+    latency_events, interval = sessions[0].latency_plan(mode.paired_latency_events)
     result: dict[str, Any] = {"kind": "paired", "n": n, "deflate": deflate, "rep": rep, "rounds": [], "losses": 0}
     try:
         for s in sessions:
@@ -492,12 +575,22 @@ async def paired_fanout(
                 raise SessionFailed(f"{s.app}: {connected} of {n} connected")
         for r in range(mode.paired_rounds + 1):  # round 0 warms up
             order = sessions[r % len(sessions) :] + sessions[: r % len(sessions)]
-            row = {}
+            row: dict[str, dict[str, float]] = {key: {} for key, *_ in PAIRED_FIGURES}
             for s in order:
-                row[f"{s.app}-{s.config.backend}"] = await s.burst(broadcasts)
+                name = f"{s.app}-{s.config.backend}"
+                row["fanout_us"][name] = await s.burst(broadcasts)
+                row["p50_ms"][name], row["p99_ms"][name] = await s.burst_latency(latency_events, interval)
+                row["per_user_per_s"][name], row["per_user_cpu_us"][name] = await s.burst_per_user(user_requests)
+                row["handshakes_per_s"][name], row["handshake_cpu_us"][name] = await s.burst_handshakes(handshakes)
             if r:
                 result["rounds"].append(row)
-        result["broadcasts_per_burst"] = broadcasts
+        result["burst"] = {
+            "broadcasts": broadcasts,
+            "latency_events": latency_events,
+            "latency_interval_ms": interval * 1e3,
+            "per_user_requests": user_requests,
+            "handshakes": handshakes,
+        }
         result["ok"] = True
     except Exception as exc:
         result["ok"] = False
@@ -511,7 +604,7 @@ async def paired_fanout(
 
 
 def summarize_paired(paired: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (N, deflate): medians of per-round ratios, over every round of every repetition."""
+    """Per (N, deflate) and figure: medians of per-round values and ratios, over every round of every repetition."""
     out: dict[str, Any] = {}
     for p in paired:
         if not p.get("ok"):
@@ -522,22 +615,27 @@ def summarize_paired(paired: list[dict[str, Any]]) -> dict[str, Any]:
     for entry in out.values():
         rounds = entry.pop("rounds")
         entry["rounds"] = len(rounds)
-        names = sorted({name for r in rounds for name in r})
-        for name in names:
-            entry[name] = statistics.median(r[name] for r in rounds if name in r)
-            entry[f"{name} rounds"] = sum(1 for r in rounds if name in r)
-            if name != "baseline-memory":
-                ratios = [r[name] / r["baseline-memory"] for r in rounds if name in r]
-                entry[f"{name}/baseline"] = statistics.median(ratios)
-                entry[f"{name}/baseline range"] = (min(ratios), max(ratios))
-        both = [r for r in rounds if "pomo-redis" in r and "pomo-memory" in r]
-        if both:
-            entry["redis/memory"] = statistics.median(r["pomo-redis"] / r["pomo-memory"] for r in both)
-        with_metrics = [r for r in rounds if "pomo-metrics-memory" in r and "pomo-memory" in r]
-        if with_metrics:
-            entry["metrics/no-metrics"] = statistics.median(
-                r["pomo-metrics-memory"] / r["pomo-memory"] for r in with_metrics
-            )
+        entry["figures"] = {}
+        for fkey, *_ in PAIRED_FIGURES:
+            values = [r[fkey] for r in rounds if fkey in r]
+            names = sorted({name for v in values for name in v})
+            fig: dict[str, Any] = {}
+            for name in names:
+                fig[name] = statistics.median(v[name] for v in values if name in v)
+                if name != "baseline-memory":
+                    ratios = [v[name] / v["baseline-memory"] for v in values if name in v and v["baseline-memory"]]
+                    if ratios:
+                        fig[f"{name}/baseline"] = statistics.median(ratios)
+                        fig[f"{name}/baseline range"] = (min(ratios), max(ratios))
+            both = [v for v in values if "pomo-redis" in v and "pomo-memory" in v]
+            if both:
+                fig["redis/memory"] = statistics.median(v["pomo-redis"] / v["pomo-memory"] for v in both)
+            with_metrics = [v for v in values if "pomo-metrics-memory" in v and "pomo-memory" in v]
+            if with_metrics:
+                fig["metrics/no-metrics"] = statistics.median(
+                    v["pomo-metrics-memory"] / v["pomo-memory"] for v in with_metrics
+                )
+            entry["figures"][fkey] = fig
     return out
 
 
@@ -568,7 +666,7 @@ FIGURES = [
 ]
 
 
-def _fmt(key: str, value: float) -> str:
+def _fmt(key: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if key == "rss_per_conn":
@@ -652,42 +750,48 @@ def verdict(key: str, ratio: float | None, n: int) -> str:
 
 def paired_markdown(psum: dict[str, Any]) -> list[str]:
     lines = [
-        "## Fan-out server CPU per delivery, paired bursts (the headline figure)",
+        "## Paired rounds (the headline figures)",
         "",
-        "All servers up at once, N connections each; each round runs one `broadcast_to_all` burst per server, "
-        "in rotating order, seconds apart. Medians over all rounds of all repetitions; ratios are per round.",
+        "All servers up at once, N connections each. Each round runs, per server and in rotating order, one burst of "
+        "each kind: `broadcast_to_all` fan-out, paced single broadcasts (latency), per-user requests, and closing "
+        "then reopening a slice of the connections (handshakes). Values are medians over all rounds of all "
+        "repetitions; ratios are medians of per-round ratios, so the machine's drift between rounds cancels. "
+        "*Floor* is `benchmarks/floor_app.py`, the thinnest loop an app mounted in a Starlette router can have "
+        "(no guarantees at all): what no mounted app can go below.",
         "",
-        "| config | rounds | baseline µs | package (memory) µs | ratio | (min-max) | target "
-        "| package (Redis) µs | rounds | ratio | Redis ÷ memory |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for key, e in psum.items():
-        ratio = e.get("pomo-memory/baseline")
-        lo, hi = e.get("pomo-memory/baseline range", (math.nan, math.nan))
-        redis_us = e.get("pomo-redis")
-        redis_ratio = e.get("pomo-redis/baseline")
-        rvm = e.get("redis/memory")
-        rvm_txt = "-" if rvm is None else f"**{rvm:.3f}**"
-        if rvm is not None and e["n"] == 1000:
-            rvm_txt += f" (≤ {REDIS_TARGET} {'✅' if rvm <= REDIS_TARGET else '❌'})"
+        lines.append(f"### {key} ({e['rounds']} rounds)")
+        lines.append("")
         lines.append(
-            f"| {key} | {e['rounds']} | {e['baseline-memory']:.2f} | "
-            f"{'-' if ratio is None else format(e['pomo-memory'], '.2f')} | "
-            f"{'-' if ratio is None else f'**{ratio:.3f}**'} | {lo:.2f}-{hi:.2f} | "
-            f"{'' if e['deflate'] else verdict('fanout_us', ratio, e['n'])} | "
-            f"{'-' if redis_us is None else format(redis_us, '.2f')} | {e.get('pomo-redis rounds', '-')} | "
-            f"{'-' if redis_ratio is None else format(redis_ratio, '.3f')} | {rvm_txt} |"
+            "| figure | unit | baseline | package | ratio | (min-max) | target | floor ÷ baseline "
+            "| package on Redis | Redis ÷ memory | metrics on ÷ off |"
         )
-    for key, e in psum.items():
-        ratio = e.get("metrics/no-metrics")
-        if ratio is not None:
-            ok = "✅" if ratio <= METRICS_TARGET else "❌"
+        lines.append("| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
+        for fkey, label, unit, _better in PAIRED_FIGURES:
+            f = e["figures"].get(fkey, {})
+            if "baseline-memory" not in f:
+                continue
+            ratio = f.get("pomo-memory/baseline")
+            lo, hi = f.get("pomo-memory/baseline range", (math.nan, math.nan))
+            # The fan-out targets are for permessage-deflate off: with it on, compressing each delivery dominates.
+            target = "" if e["deflate"] and fkey == "fanout_us" else verdict(fkey, ratio, e["n"])
+            floor = f.get("floor-memory/baseline")
+            rvm = f.get("redis/memory")
+            rvm_txt = "-" if rvm is None else f"{rvm:.3f}"
+            if rvm is not None and fkey == "fanout_us" and e["n"] == 1000:
+                rvm_txt = f"**{rvm:.3f}** (≤ {REDIS_TARGET} {'✅' if rvm <= REDIS_TARGET else '❌'})"
+            met = f.get("metrics/no-metrics")
+            met_txt = "-" if met is None else f"{met:.3f}"
+            if met is not None and fkey == "fanout_us":
+                met_txt = f"**{met:.3f}** (≤ {METRICS_TARGET} {'✅' if met <= METRICS_TARGET else '❌'})"
             lines.append(
-                f"{key}: package with metrics on ÷ metrics off, fan-out CPU per delivery: **{ratio:.3f}** "
-                f"(target ≤ {METRICS_TARGET} {ok}, {e.get('pomo-metrics-memory rounds', 0)} rounds)"
+                f"| {label} | {unit} | {_fmt(fkey, f['baseline-memory'])} | {_fmt(fkey, f.get('pomo-memory'))} | "
+                f"{'-' if ratio is None else f'**{ratio:.3f}**'} | {lo:.2f}-{hi:.2f} | {target} | "
+                f"{'-' if floor is None else f'{floor:.3f}'} | {_fmt(fkey, f.get('pomo-redis'))} | {rvm_txt} | "
+                f"{met_txt} |"
             )
-            lines.append("")
-    lines.append("")
+        lines.append("")
     return lines
 
 
@@ -802,24 +906,22 @@ def chart(summary: dict[str, Any], path: Path, title: str, psum: dict[str, Any] 
     psum = psum or {}
     labels = [k.replace("N=", "").replace(" ", "\n").replace("deflate=", "deflate ") for k in keys]
 
-    def paired_for(k: str, what: str) -> float:
+    def figure(k: str, fkey: str, name: str) -> float:
+        """A paired-round median when the run has one, else the session-by-session one."""
         e = summary[k]
-        p = psum.get(f"N={e['n']} deflate={'on' if e['deflate'] else 'off'}", {})
-        name = f"pomo-{e['backend']}"
-        value = p.get(f"{name}/baseline") if what == "ratio" else p.get(name if what == "pomo" else "baseline-memory")
+        p = psum.get(f"N={e['n']} deflate={'on' if e['deflate'] else 'off'}", {}).get("figures", {}).get(fkey, {})
+        backend = f"pomo-{e['backend']}"
+        wanted = {"ratio": f"{backend}/baseline", "pomo": backend, "baseline": "baseline-memory"}[name]
+        if wanted in p:
+            return float(p[wanted])
+        value = e["figures"].get(fkey, {}).get(name)
         return float(value) if value is not None else 0.0
 
-    if psum:
-        shown.insert(0, ("paired", "fan-out CPU/delivery, paired bursts (lower)"))
-        shown[1] = ("fanout_us", "fan-out CPU/delivery, sessions (lower)")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     width = 0.8 / len(shown)
     for i, (fkey, label) in enumerate(shown):
-        if fkey == "paired":
-            values = [paired_for(k, "ratio") for k in keys]
-        else:
-            values = [summary[k]["figures"][fkey]["ratio"] or 0 for k in keys]
+        values = [figure(k, fkey, "ratio") for k in keys]
         xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(keys))]
         ax.bar(xs, values, width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
@@ -829,21 +931,17 @@ def chart(summary: dict[str, Any], path: Path, title: str, psum: dict[str, Any] 
     ax.set_title("Ratios to the thinnest Starlette fan-out (1.0 = baseline)")
     ax.legend(fontsize=7, ncol=2)
     ax = axes[1]
-    if psum:
-        base = [paired_for(k, "baseline") for k in keys]
-        pomo = [paired_for(k, "pomo") for k in keys]
-    else:
-        base = [summary[k]["figures"]["fanout_us"]["baseline"] or 0 for k in keys]
-        pomo = [summary[k]["figures"]["fanout_us"]["pomo"] or 0 for k in keys]
+    base = [figure(k, "fanout_us", "baseline") for k in keys]
+    pomo = [figure(k, "fanout_us", "pomo") for k in keys]
     xs = list(range(len(keys)))
     ax.bar([x - 0.2 for x in xs], base, 0.4, label="baseline (send_text loop)", color="#999999")
     ax.bar([x + 0.2 for x in xs], pomo, 0.4, label="starlette-pomo-ws", color="#d9534f")
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("server CPU µs per delivery")
-    ax.set_title("Fan-out cost" + (", paired bursts" if psum else "") + " (lower is better)")
+    ax.set_title("Fan-out cost" + (", paired rounds" if psum else "") + " (lower is better)")
     ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + ("; paired-round medians where measured" if psum else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -934,8 +1032,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics", action="store_true", help="add the package with metrics on to the paired bursts (issue 7)"
     )
-    parser.add_argument("--no-paired", action="store_true", help="skip the paired-burst fan-out measurement")
-    parser.add_argument("--no-sessions", action="store_true", help="only the paired-burst fan-out measurement")
+    parser.add_argument("--no-paired", action="store_true", help="skip the paired rounds")
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        help="add the floor app (the thinnest mounted loop) to the paired rounds (default: on, off in smoke)",
+    )
+    parser.add_argument("--no-sessions", action="store_true", help="only the paired rounds")
     parser.add_argument(
         "--check-targets", action="store_true", help="exit with status 2 when a target of issue 5 is missed"
     )
@@ -1006,12 +1109,17 @@ async def amain(args: argparse.Namespace) -> int:
                     if "pomo" in apps and "baseline" in apps and not args.no_paired:
                         t0 = time.monotonic()
                         print(f"[rep {rep + 1}/{reps}] paired   N={n} deflate={deflate} ...", end=" ", flush=True)
-                        p = await paired_fanout(n, deflate, backends, mode, gens, args.redis, rep, metrics=args.metrics)
+                        floor = args.floor if args.floor is not None else mode.name != "smoke"
+                        p = await paired_run(
+                            n, deflate, backends, mode, gens, args.redis, rep, metrics=args.metrics, floor=floor
+                        )
                         paired.append(p)
                         if p["ok"]:
-                            ratios = [r["pomo-memory"] / r["baseline-memory"] for r in p["rounds"]]
+                            ratios = [
+                                r["fanout_us"]["pomo-memory"] / r["fanout_us"]["baseline-memory"] for r in p["rounds"]
+                            ]
                             print(
-                                f"package ÷ baseline per round: {', '.join(f'{x:.2f}' for x in ratios)} "
+                                f"fan-out package ÷ baseline per round: {', '.join(f'{x:.2f}' for x in ratios)} "
                                 f"({time.monotonic() - t0:.0f} s)",
                                 flush=True,
                             )
@@ -1032,6 +1140,13 @@ async def amain(args: argparse.Namespace) -> int:
         for entry in summary.values():
             for key in TARGETS:
                 if verdict(key, entry["figures"][key]["ratio"], entry["n"]).endswith("❌"):
+                    return 2
+        for pentry in summarize_paired(paired).values():
+            for key in TARGETS:
+                if pentry["deflate"] and key == "fanout_us":
+                    continue
+                ratio = pentry["figures"].get(key, {}).get("pomo-memory/baseline")
+                if verdict(key, ratio, pentry["n"]).endswith("❌"):
                     return 2
     return 0
 

@@ -62,3 +62,41 @@ def test_smoke_fails_on_a_lost_message(tmp_path: Path) -> None:
     session = json.loads((tmp_path / "smoke.json").read_text())["sessions"][0]
     assert not session["ok"]
     assert session["losses"] > 0
+
+
+def test_smoke_paired_rounds_measure_every_figure_for_every_server(tmp_path: Path) -> None:
+    """Both apps and the floor app up at once: every paired figure has a value and a ratio, nothing is lost."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "run",
+            "--smoke",
+            "--no-sessions",
+            "--floor",
+            "--out",
+            str(tmp_path),
+            "--no-chart",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    [run] = result["paired"]
+    assert run["ok"], run.get("error")
+    assert run["losses"] == 0
+    assert len(run["rounds"]) == 2
+    # Every connection of every server was closed and reopened in each handshake burst.
+    assert run["burst"]["handshakes"] == 100
+    figures = result["paired_summary"]["N=100 deflate=off"]["figures"]
+    for key in ("fanout_us", "p50_ms", "p99_ms", "handshakes_per_s", "handshake_cpu_us", "per_user_per_s"):
+        for name in ("baseline-memory", "pomo-memory", "floor-memory"):
+            assert figures[key][name] > 0, (key, name)
+        assert figures[key]["pomo-memory/baseline"] > 0
+        assert figures[key]["floor-memory/baseline"] > 0
+    assert "### N=100 deflate=off (2 rounds)" in (tmp_path / "smoke.md").read_text()
