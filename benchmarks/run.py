@@ -9,7 +9,7 @@ to core 1. Every session runs the same phases:
    ``CONNECTION_ESTABLISHED`` arrives: handshakes/s and server CPU µs per handshake;
 2. ``idle``: server RSS delta ÷ N, after 1 s idle;
 3. ``fanout``: B ``broadcast_to_all`` through ``POST /bench/all?count=5`` with 2 requests in flight:
-   server CPU µs per delivery (from /proc/<pid>/stat), deliveries/s, client CPU;
+   server CPU µs per delivery (from /proc/<pid>/task/*/schedstat), deliveries/s, client CPU;
 4. ``latency``: paced single broadcasts (about 1/3 of capacity): publish-to-receipt p50/p99;
 5. ``per_user``: R ``broadcast_to_user`` through ``POST /bench/user/{uid}`` from 8 keep-alive HTTP
    connections: broadcasts/s and server CPU µs per request;
@@ -18,11 +18,12 @@ to core 1. Every session runs the same phases:
 Then, per repetition, the *paired rounds* (the headline figures): the baseline, the package (each
 backend, and with ``--metrics`` once more with its metrics on) and the floor app
 (``benchmarks/floor_app.py``, the thinnest loop a mounted app can have) all hold N connections at
-once, and each round runs one burst of every kind per server in rotating order: fan-out, paced
-latency, per-user requests, and closing then reopening up to 1,000 connections (handshakes). Ratios
-are taken within a round, seconds apart, so the machine's drift between sessions (±30 % over
-minutes on a shared VM, and a full garbage collection now and then) cancels; the reported ratio
-is the median over all rounds of all repetitions.
+once. Each round runs one burst of a kind on every server in rotating order, then the next kind:
+fan-out, paced latency, per-user requests, and closing then reopening up to 1,000 connections
+(handshakes). Ratios are taken within a round, between bursts about a second apart, so the
+machine's drift between sessions (±30 % over minutes on a shared VM) cancels; the reported ratio
+is the median over all rounds of all repetitions. Server CPU comes from the scheduler's
+nanosecond count (``/proc/<pid>/task/*/schedstat``).
 
 Every expected delivery is counted (and seq checksums compared): one lost or extra message fails
 the run (exit status 1). Results go to ``benchmarks/results/<mode>.{json,md,png}``.
@@ -226,7 +227,7 @@ class Session:
         self.slices = [list(range(bounds[i], bounds[i + 1])) for i in range(self.nproc)]
         self.users = n // 2
         self.result: dict[str, Any] = {"app": app, "config": config.key, "n": n}
-        self.group = f"{app}-{config.backend}"
+        self.group = self.name = f"{app}-{config.backend}"
         self.seq = 0
 
     # -- process control -------------------------------------------------------------------------
@@ -576,12 +577,16 @@ async def paired_run(
         for r in range(mode.paired_rounds + 1):  # round 0 warms up
             order = sessions[r % len(sessions) :] + sessions[: r % len(sessions)]
             row: dict[str, dict[str, float]] = {key: {} for key, *_ in PAIRED_FIGURES}
+            # One kind of burst on every server, then the next kind: bursts compared with each other
+            # run back to back, about a second apart.
             for s in order:
-                name = f"{s.app}-{s.config.backend}"
-                row["fanout_us"][name] = await s.burst(broadcasts)
-                row["p50_ms"][name], row["p99_ms"][name] = await s.burst_latency(latency_events, interval)
-                row["per_user_per_s"][name], row["per_user_cpu_us"][name] = await s.burst_per_user(user_requests)
-                row["handshakes_per_s"][name], row["handshake_cpu_us"][name] = await s.burst_handshakes(handshakes)
+                row["fanout_us"][s.name] = await s.burst(broadcasts)
+            for s in order:
+                row["p50_ms"][s.name], row["p99_ms"][s.name] = await s.burst_latency(latency_events, interval)
+            for s in order:
+                row["per_user_per_s"][s.name], row["per_user_cpu_us"][s.name] = await s.burst_per_user(user_requests)
+            for s in order:
+                row["handshakes_per_s"][s.name], row["handshake_cpu_us"][s.name] = await s.burst_handshakes(handshakes)
             if r:
                 result["rounds"].append(row)
         result["burst"] = {
@@ -880,8 +885,9 @@ def markdown(
             lines.append(f"- paired N={p['n']} deflate={p['deflate']} rep {p['rep']}: {p.get('error')}")
             lines.append("")
     lines.append(
-        "Server CPU is utime+stime of the uvicorn process from `/proc/<pid>/stat` over the phase, divided by "
-        "deliveries (or handshakes, or requests). A session is *client-bound* when the load generators used "
+        "Server CPU is the uvicorn process's run time (user + system, `/proc/<pid>/task/*/schedstat`) "
+        "over the phase, divided by deliveries (or handshakes, or requests). "
+        "A session is *client-bound* when the load generators used "
         "≥ 90 % of their core while the server used < 90 % of its; CPU per delivery stays comparable either way. "
         "Latency p50/p99 is publish (`time.time_ns()` in the HTTP handler) to receipt, over paced broadcasts."
     )
@@ -1053,7 +1059,8 @@ async def amain(args: argparse.Namespace) -> int:
     deflates = {"off": [False], "on": [True], "both": [False, True]}[args.deflate] if args.deflate else mode.deflate
     apps = [a.strip() for a in args.apps.split(",") if a.strip()]
     backends = ["memory"] + (["redis"] if args.redis and "pomo" in apps else [])
-    _proc.raise_nofile(max(sizes) + 1024)
+    # The paired rounds hold every server's connections at once: up to 5 x N sockets over the load generators.
+    _proc.raise_nofile(5 * max(sizes) + 1024)
     _proc.pin_self(_proc.CLIENT_CPU)
 
     import starlette
