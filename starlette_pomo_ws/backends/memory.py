@@ -19,9 +19,10 @@ _TOMBSTONES = 100_000
 
 
 class _Stream:
-    __slots__ = ("evicted_upto", "records", "times")
+    __slots__ = ("evicted_upto", "key", "records", "times")
 
-    def __init__(self) -> None:
+    def __init__(self, key: str | None) -> None:
+        self.key = key  # one string per stream, whichever request spelled the user id
         self.records: collections.deque[Record] = collections.deque()
         self.times: collections.deque[float] = collections.deque()
         self.evicted_upto = 0  # highest seq that left this stream; a cursor below it has a gap
@@ -46,8 +47,10 @@ class MemoryBackend(Backend):
         self._epoch = ""
         self._seq = 0
         self._streams: dict[str | None, _Stream] = {}
-        # Every stored event in seq order, for time-based expiry: (time, stream key).
-        self._by_time: collections.deque[tuple[float, str | None]] = collections.deque()
+        # Every stored event in seq order, for time-based expiry: its time and its stream's key, in two
+        # deques rather than one of pairs, so that an event costs no tuple for as long as it is kept.
+        self._by_time: collections.deque[float] = collections.deque()
+        self._by_key: collections.deque[str | None] = collections.deque()
         self._tombstones: OrderedDict[str, int] = OrderedDict()
         self._forgotten_upto = 0
         self._deliver: Deliver | None = None
@@ -75,18 +78,21 @@ class MemoryBackend(Backend):
         deliver = self._deliver
         if deliver is None:
             raise BackendUnavailable("The memory backend is stopped; the event was not published.")
-        self._seq += 1
-        record = Record(self._epoch, self._seq, user_id, head)
         now = self._clock()
         self._expire(now)
         stream = self._streams.get(user_id)
         if stream is None:
-            stream = self._streams[user_id] = _Stream()
+            stream = self._streams[user_id] = _Stream(user_id)
             if user_id is not None:
                 stream.evicted_upto = self._tombstones.pop(user_id, 0)
+        else:
+            user_id = stream.key  # every kept event shares its stream's string
+        self._seq += 1
+        record = Record(self._epoch, self._seq, user_id, head)
         stream.records.append(record)
         stream.times.append(now)
-        self._by_time.append((now, user_id))
+        self._by_time.append(now)
+        self._by_key.append(user_id)
         if len(stream.records) > self.history_size:
             stream.evicted_upto = stream.records.popleft().seq
             stream.times.popleft()
@@ -96,8 +102,9 @@ class MemoryBackend(Backend):
     def _expire(self, now: float) -> None:
         horizon = now - self.history_ttl
         by_time = self._by_time
-        while by_time and by_time[0][0] < horizon:
-            _, key = by_time.popleft()
+        while by_time and by_time[0] < horizon:
+            by_time.popleft()
+            key = self._by_key.popleft()
             stream = self._streams.get(key)
             # The stream may have been trimmed by size already; drop its entries older than the horizon.
             while stream is not None and stream.times and stream.times[0] < horizon:
