@@ -923,7 +923,7 @@ def chart(summary: dict[str, Any], path: Path, title: str, psum: dict[str, Any] 
         value = e["figures"].get(fkey, {}).get(name)
         return float(value) if value is not None else 0.0
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     width = 0.8 / len(shown)
     for i, (fkey, label) in enumerate(shown):
@@ -935,18 +935,34 @@ def chart(summary: dict[str, Any], path: Path, title: str, psum: dict[str, Any] 
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("package ÷ baseline (median of ratios)")
     ax.set_title("Ratios to the thinnest Starlette fan-out (1.0 = baseline)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     ax = axes[1]
     base = [figure(k, "fanout_us", "baseline") for k in keys]
     pomo = [figure(k, "fanout_us", "pomo") for k in keys]
     xs = list(range(len(keys)))
-    ax.bar([x - 0.2 for x in xs], base, 0.4, label="baseline (send_text loop)", color="#999999")
-    ax.bar([x + 0.2 for x in xs], pomo, 0.4, label="starlette-pomo-ws", color="#d9534f")
+
+    def floor_us(k: str) -> float:
+        e = summary[k]
+        p = psum.get(f"N={e['n']} deflate={'on' if e['deflate'] else 'off'}", {})
+        return float(p.get("figures", {}).get("fanout_us", {}).get("floor-memory", 0.0))
+
+    floor = [floor_us(k) for k in keys]
+    width = 0.27 if any(floor) else 0.4
+    ax.bar(
+        [x - width for x in xs] if any(floor) else [x - 0.2 for x in xs],
+        base,
+        width,
+        label="baseline (send_text loop)",
+        color="#999999",
+    )
+    ax.bar(xs if any(floor) else [x + 0.2 for x in xs], pomo, width, label="starlette-pomo-ws", color="#d9534f")
+    if any(floor):
+        ax.bar([x + width for x in xs], floor, width, label="floor (thinnest mounted loop)", color="#5bc0de")
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("server CPU µs per delivery")
     ax.set_title("Fan-out cost" + (", paired rounds" if psum else "") + " (lower is better)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.suptitle(title + ("; paired-round medians where measured" if psum else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
