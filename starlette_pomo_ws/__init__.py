@@ -11,7 +11,7 @@ from ._lifespan import get_broadcaster
 from ._settings import Settings
 from .exceptions import AuthenticationError, BackendUnavailable, ConfigurationError, NotStartedError, PomoWSError
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "Authenticate",
