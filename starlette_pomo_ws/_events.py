@@ -118,6 +118,8 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_
 
 def dumps(value: Any) -> str:
     """Encode to compact JSON; raises `TypeError` for what cannot be encoded."""
+    if value is None:  # heartbeats and data-less events
+        return "null"
     try:
         return _encoder.encode(value)
     except ValueError as exc:  # NaN or Infinity, or a circular reference
@@ -145,6 +147,8 @@ def with_id(head: str, event_id: str) -> str:
 
 
 def protocol_message(type_: str, user_id: str | None, data: Any = None, event_id: str | None = None) -> str:
+    if isinstance(type_, EventType):
+        type_ = type_.value  # formatting an enum member costs more than the rest of the envelope
     head = envelope_head(type_, user_id, dumps(data), iso_timestamp())
     return with_id(head, event_id) if event_id is not None else head + "}"
 
