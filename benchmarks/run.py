@@ -340,13 +340,13 @@ class Session:
             # Warm-up: a few connections and one broadcast, so lazy imports and first-use
             # allocations are not counted as per-connection memory.
             await self.connect([list(range(20))], prefix="w")
-            self.gens_backup, self.gens, nproc = self.gens, self.gens[:1], self.nproc
-            self.nproc = 1
+            gens, nproc = self.gens, self.nproc
+            self.gens, self.nproc = gens[:1], 1
             await self.expect({"kind": "all", "seq": self.seq, "count": 1})
             await self.trigger_all(1)
             await self.wait(20, "warm-up", latencies=False)
             await self.close_all()
-            self.gens, self.nproc = self.gens_backup, nproc
+            self.gens, self.nproc = gens, nproc
             await asyncio.sleep(0.3)
 
             # 1. handshakes + 2. idle memory
