@@ -19,11 +19,19 @@ _TOMBSTONES = 100_000
 
 
 class _Stream:
-    __slots__ = ("evicted_upto", "key", "records", "times")
+    """One stream's kept events, as three parallel deques of untracked objects.
+
+    No `Record` is kept: ints, floats and strings are invisible to the cyclic garbage collector,
+    whereas a kept tuple subclass per event would be traversed by every full collection, and would
+    make those come sooner, for as long as the history holds it.
+    """
+
+    __slots__ = ("evicted_upto", "heads", "key", "seqs", "times")
 
     def __init__(self, key: str | None) -> None:
         self.key = key  # one string per stream, whichever request spelled the user id
-        self.records: collections.deque[Record] = collections.deque()
+        self.seqs: collections.deque[int] = collections.deque()
+        self.heads: collections.deque[str] = collections.deque()
         self.times: collections.deque[float] = collections.deque()
         self.evicted_upto = 0  # highest seq that left this stream; a cursor below it has a gap
 
@@ -87,15 +95,17 @@ class MemoryBackend(Backend):
                 stream.evicted_upto = self._tombstones.pop(user_id, 0)
         else:
             user_id = stream.key  # every kept event shares its stream's string
-        self._seq += 1
-        record = Record(self._epoch, self._seq, user_id, head)
-        stream.records.append(record)
+        self._seq = seq = self._seq + 1
+        stream.seqs.append(seq)
+        stream.heads.append(head)
         stream.times.append(now)
         self._by_time.append(now)
         self._by_key.append(user_id)
-        if len(stream.records) > self.history_size:
-            stream.evicted_upto = stream.records.popleft().seq
+        if len(stream.seqs) > self.history_size:
+            stream.evicted_upto = stream.seqs.popleft()
+            stream.heads.popleft()
             stream.times.popleft()
+        record = Record(self._epoch, seq, user_id, head)
         deliver(record)
         return record
 
@@ -109,8 +119,9 @@ class MemoryBackend(Backend):
             # The stream may have been trimmed by size already; drop its entries older than the horizon.
             while stream is not None and stream.times and stream.times[0] < horizon:
                 stream.times.popleft()
-                stream.evicted_upto = stream.records.popleft().seq
-            if stream is not None and not stream.records and key is not None:
+                stream.heads.popleft()
+                stream.evicted_upto = stream.seqs.popleft()
+            if stream is not None and not stream.seqs and key is not None:
                 del self._streams[key]
                 self._tombstones[key] = stream.evicted_upto
                 if len(self._tombstones) > _TOMBSTONES:
@@ -140,8 +151,8 @@ class MemoryBackend(Backend):
         everyone_floor = everyone.evicted_upto if everyone is not None else 0
         if since.seq < user_floor or since.seq < everyone_floor:
             return History(False, (), current)
-        mine = _after(user_stream, since.seq)
-        theirs = _after(everyone, since.seq)
+        mine = _after(self._epoch, user_stream, since.seq)
+        theirs = _after(self._epoch, everyone, since.seq)
         if mine and theirs:
             records = sorted(mine + theirs, key=lambda r: r.seq)
         else:
@@ -172,12 +183,16 @@ class MemoryBackend(Backend):
         return sum(len(m) for m in self._presence.values())
 
 
-def _after(stream: _Stream | None, seq: int) -> list[Record]:
-    if stream is None or not stream.records or stream.records[-1].seq <= seq:
+def _after(epoch: str, stream: _Stream | None, seq: int) -> list[Record]:
+    if stream is None or not stream.seqs or stream.seqs[-1] <= seq:
         return []
-    records = stream.records
-    # Records are in seq order: walk back from the newest, the common case being a short gap.
-    index = len(records)
-    while index > 0 and records[index - 1].seq > seq:
+    seqs = stream.seqs
+    # Seqs are in order: walk back from the newest, the common case being a short gap.
+    index = len(seqs)
+    while index > 0 and seqs[index - 1] > seq:
         index -= 1
-    return list(collections.deque(records, maxlen=len(records) - index)) if index else list(records)
+    count = len(seqs) - index
+    newest_seqs = collections.deque(seqs, maxlen=count)
+    newest_heads = collections.deque(stream.heads, maxlen=count)
+    key = stream.key
+    return [Record(epoch, s, key, h) for s, h in zip(newest_seqs, newest_heads, strict=True)]
