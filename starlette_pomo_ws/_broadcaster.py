@@ -62,8 +62,10 @@ class Broadcaster:
         self._accepting = False
         self._queued: dict[Connection, None] = {}
         self._closers: set[asyncio.Task[None]] = set()
-        self._expiries: list[tuple[float, int, int, Connection]] = []
-        self._dead_expiries = 0  # entries of closed connections or replaced tokens, still in the heap
+        # The token timers: (when, token, kind) entries name a token, never a connection, so that a
+        # closed connection is freed at once; `_timed` maps the live tokens to their connections.
+        self._expiries: list[tuple[float, int, int]] = []
+        self._timed: dict[int, Connection] = {}
         self._expiry_ids = itertools.count()
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -425,23 +427,25 @@ class Broadcaster:
         deadline = time.monotonic() + (expires_at - time.time())
         warn_at = deadline - settings.token_expiry_warning
         token = next(self._expiry_ids)
+        self._timed[token] = connection
         if settings.token_expiry_warning > 0:
-            heapq.heappush(self._expiries, (warn_at, token, _WARN, connection))
-        heapq.heappush(self._expiries, (deadline + settings.jwt_leeway, token, _EXPIRE, connection))
+            heapq.heappush(self._expiries, (warn_at, token, _WARN))
+        heapq.heappush(self._expiries, (deadline + settings.jwt_leeway, token, _EXPIRE))
         connection.expiry_token = token
 
     def _forget_expiry(self, connection: Connection) -> None:
-        """Count a connection's timer entries as garbage; compact the heap once garbage is half of it.
+        """Drop a connection's timers: it is freed now, whatever its token's `exp`.
 
-        So closed connections (and their scopes) never pile up in the timers, whatever the churn.
+        The heap keeps the stale entries, three numbers each, until they outnumber the live ones;
+        then one pass drops them all, so the heap stays within a few entries per live connection.
         """
+        timed = self._timed
+        del timed[connection.expiry_token]
         connection.expiry_token = -1
-        self._dead_expiries += 2
         heap = self._expiries
-        if self._dead_expiries * 2 >= len(heap):
-            heap[:] = [entry for entry in heap if entry[3].mode != CLOSED and entry[3].expiry_token == entry[1]]
+        if len(heap) > 4 * len(timed) + 64:
+            heap[:] = [entry for entry in heap if entry[1] in timed]
             heapq.heapify(heap)
-            self._dead_expiries = 0
 
     def _tick_interval(self) -> float:
         settings = self.settings
@@ -475,9 +479,11 @@ class Broadcaster:
 
     def _check_expiries(self, now: float) -> None:
         heap = self._expiries
+        timed = self._timed
         while heap and heap[0][0] <= now:
-            _, token, kind, connection = heapq.heappop(heap)
-            if connection.mode == CLOSED or connection.expiry_token != token:
+            _, token, kind = heapq.heappop(heap)
+            connection = timed.get(token)
+            if connection is None:  # closed, or its token was refreshed
                 continue
             if kind == _WARN:
                 expires_at = connection.expires_at or time.time()
