@@ -137,7 +137,7 @@ class PomoWS:
             settings.check(custom_authenticate=self._custom_authenticate)
             if self._authenticate is None:
                 self._authenticate = JWTAuthenticator(settings)
-            shared = self.broadcaster.backend.kind != "memory"
+            shared = self.broadcaster.backend.shared
             await self.broadcaster.start(CursorSigner(settings.derived_cursor_key(shared=shared)))
         except BaseException:
             self._starts -= 1

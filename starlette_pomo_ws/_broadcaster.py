@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 import types
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from ._connection import CLOSED, QUEUED, RESUMING, Connection
@@ -56,7 +56,7 @@ class Broadcaster:
         self.backend = backend
         self.node_id = secrets.token_hex(4)
         self.registry = Registry()
-        self._shared = backend.kind != "memory"  # events come from other processes: per-user subscriptions
+        self._shared = backend.shared  # events come from other processes: per-user subscriptions
         self._signer: CursorSigner | None = None
         self._running = False
         self._accepting = False
@@ -228,13 +228,16 @@ class Broadcaster:
         """
         self._check_running()
         reason = fit_reason(reason)
-        await self.backend.send_control("disconnect_user", f"{user_id}\n{reason}")
+        await self.backend.send_control("disconnect_user", {"user_id": str(user_id), "reason": reason})
 
-    def _on_control(self, kind: str, argument: str) -> None:
+    def _on_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         if kind == "disconnect_user":
-            user_id, _, reason = argument.partition("\n")
+            user_id, reason = arguments.get("user_id"), arguments.get("reason")
+            if not isinstance(user_id, str):
+                logger.warning("Ignored a disconnect_user control message without a user id")
+                return
             for connection in self.registry.of_user(user_id):
-                connection.abort(1000, reason or "Disconnected by the server")
+                connection.abort(1000, reason if isinstance(reason, str) and reason else "Disconnected by the server")
         elif kind == "resync":
             # The backend lost events it cannot recover (a new epoch): every socket must resume, and will
             # then get RESYNC_REQUIRED. 1012 is "service restart": clients reconnect and resume.

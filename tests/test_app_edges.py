@@ -76,6 +76,7 @@ class FlakyBackend(MemoryBackend):
     """A memory backend that can fail where a remote one would."""
 
     kind = "flaky"
+    shared = True  # like a remote backend: presence and subscriptions go through it
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,7 +146,7 @@ async def test_a_backend_resync_closes_every_socket_so_clients_resume() -> None:
         sockets = [Socket(manager.app, "/ws", {"token": make_token(f"u{n}")}) for n in range(3)]
         for ws in sockets:
             await ws.next_json()
-        pomo.broadcaster._on_control("resync", "")
+        pomo.broadcaster._on_control("resync", {})
         for ws in sockets:
             close = await ws.next()
             assert (close["code"], close["reason"]) == (1012, "Service restart")

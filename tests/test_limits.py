@@ -251,6 +251,17 @@ async def test_disconnect_user_closes_every_connection_of_that_user_with_1000() 
             assert pomo.broadcaster.total_connection_count() == 1
 
 
+async def test_disconnect_user_with_a_newline_in_the_id_closes_nobody_else() -> None:
+    """The user id travels as structured data: `"bob\\nx"` is not `bob` with the reason `"x\\n..."`."""
+    pomo = PomoWS(make_settings())
+    async with run_server(make_app(pomo)) as server:
+        async with connect(server.url(f"/ws?token={make_token('bob')}")) as bob:
+            await established(bob)
+            await pomo.broadcaster.disconnect_user("bob\nx", reason="banned")
+            await ping_pong(bob)
+            assert pomo.broadcaster.user_connection_count("bob") == 1
+
+
 # -- message size --------------------------------------------------------------------------------------
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from .._events import Position
 
@@ -33,14 +33,18 @@ class History(NamedTuple):
 # Called by the backend, in seq order, for every live event of a subscribed stream (and every
 # broadcast). It must not block: it only hands the event to the sockets.
 Deliver = Callable[[Record], None]
-# Called by the backend for control messages that reach every node (e.g. disconnect_user).
-Control = Callable[[str, str], None]
+# Called by the backend for control messages that reach every node (e.g. disconnect_user): a kind
+# and its arguments as a JSON-compatible mapping, never a string to split.
+Control = Callable[[str, Mapping[str, Any]], None]
 
 
 class Backend(abc.ABC):
     """Stores events for resume and carries them to every node that has a subscriber."""
 
     kind: str = "abstract"
+    #: Whether other processes share this backend: then a node subscribes per user (and per channel),
+    #: and counts and limits are cluster-wide. `False` means every event is published in this process.
+    shared: bool = True
 
     @abc.abstractmethod
     async def start(self, deliver: Deliver, control: Control) -> None:
@@ -84,8 +88,9 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def send_control(self, kind: str, argument: str) -> None:
-        """Send a control message (such as `disconnect_user`) to every node, this one included."""
+    async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
+        """Send a control message (such as `disconnect_user`) with JSON-compatible arguments to every node,
+        this one included."""
 
     @abc.abstractmethod
     async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:

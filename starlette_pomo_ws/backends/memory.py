@@ -6,7 +6,8 @@ import collections
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .._events import Position
 from ..exceptions import BackendUnavailable
@@ -45,6 +46,7 @@ class MemoryBackend(Backend):
     """
 
     kind = "memory"
+    shared = False
 
     def __init__(
         self, *, history_size: int = 1000, history_ttl: float = 120, clock: Callable[[], float] = time.monotonic
@@ -159,10 +161,10 @@ class MemoryBackend(Backend):
             records = mine or theirs
         return History(True, records, current)
 
-    async def send_control(self, kind: str, argument: str) -> None:
+    async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         if self._control is None:
             raise BackendUnavailable("The memory backend is stopped.")
-        self._control(kind, argument)
+        self._control(kind, arguments)
 
     async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
         members = self._presence.setdefault(user_id, set())

@@ -27,7 +27,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -451,7 +451,7 @@ class RedisBackend(Backend):
         )
         return Record(_text(reply[0]), int(reply[1]), user_id, head)
 
-    async def send_control(self, kind: str, argument: str) -> None:
+    async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         """Act on this node at once, then publish to the others.
 
         Raises:
@@ -461,8 +461,8 @@ class RedisBackend(Backend):
         if control is None:
             raise BackendUnavailable("The Redis backend is not started.")
         # This node acts at once, whatever happens to pub/sub; the others hear it from Redis.
-        control(kind, argument)
-        message = json.dumps([self._instance, kind, argument])
+        control(kind, arguments)
+        message = json.dumps([self._instance, kind, dict(arguments)])
         await self._command(
             lambda: self._client.publish(self._ctl_channel, message), "reach the other nodes", idempotent=False
         )
@@ -682,7 +682,7 @@ class RedisBackend(Backend):
                     "Redis lost its data" if position.epoch != tracked.epoch else "history trimmed",
                 )
                 self._tracked = position
-                self._signal("resync", "")
+                self._signal("resync", {})
             else:
                 if records:
                     logger.info("Redis pub/sub caught up %d missed events", len(records))
@@ -783,19 +783,22 @@ class RedisBackend(Backend):
 
     def _on_control(self, data: bytes) -> None:
         try:
-            origin, kind, argument = json.loads(data)
+            origin, kind, arguments = json.loads(data)
         except (ValueError, TypeError):
             logger.warning("Ignored a malformed control message from Redis")
             return
+        if not isinstance(arguments, dict):
+            logger.warning("Ignored a malformed control message from Redis")
+            return
         if origin != self._instance:
-            self._signal(str(kind), str(argument))
+            self._signal(str(kind), arguments)
 
-    def _signal(self, kind: str, argument: str) -> None:
+    def _signal(self, kind: str, arguments: Mapping[str, Any]) -> None:
         control = self._control
         if control is None:
             return
         try:
-            control(kind, argument)
+            control(kind, arguments)
         except Exception:
             logger.exception("Handling the control message %r failed", kind)
 

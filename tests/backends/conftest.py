@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -33,15 +33,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.records: list[Record] = []
-        self.controls: list[tuple[str, str]] = []
+        self.controls: list[tuple[str, dict[str, Any]]] = []
         self._changed = asyncio.Event()
 
     def deliver(self, record: Record) -> None:
         self.records.append(record)
         self._changed.set()
 
-    def control(self, kind: str, argument: str) -> None:
-        self.controls.append((kind, argument))
+    def control(self, kind: str, arguments: Mapping[str, Any]) -> None:
+        self.controls.append((kind, dict(arguments)))
         self._changed.set()
 
     @property

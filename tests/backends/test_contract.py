@@ -122,11 +122,11 @@ async def test_history_expired_by_ttl_is_incomplete(backend_factory: Callable[..
 
 async def test_send_control_reaches_this_node_once(started: Started) -> None:
     backend, recorder = started
-    await backend.send_control("disconnect_user", "u1")
-    assert recorder.controls == [("disconnect_user", "u1")]
+    await backend.send_control("disconnect_user", {"user_id": "u1"})
+    assert recorder.controls == [("disconnect_user", {"user_id": "u1"})]
     await backend.publish(None, head(1))  # anything still coming would arrive before this event
     await recorder.wait(lambda: len(recorder.records) == 1)
-    assert recorder.controls == [("disconnect_user", "u1")]
+    assert recorder.controls == [("disconnect_user", {"user_id": "u1"})]
 
 
 async def test_presence_counts(started: Started) -> None:
@@ -165,7 +165,7 @@ async def test_stop_is_idempotent_and_publish_after_stop_raises(backend_factory:
     with pytest.raises(BackendUnavailable):
         await backend.publish("u1", head(1))
     with pytest.raises(BackendUnavailable):
-        await backend.send_control("disconnect_user", "u1")
+        await backend.send_control("disconnect_user", {"user_id": "u1"})
 
 
 async def test_connected_while_running(started: Started) -> None:

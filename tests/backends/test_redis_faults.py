@@ -177,7 +177,7 @@ async def test_history_trimmed_while_disconnected_asks_for_a_resync(
     for n in range(250):
         await publisher.publish("u1", head(n))
     gate.set()
-    await recorder.wait(lambda: recorder.controls == [("resync", "")])
+    await recorder.wait(lambda: recorder.controls == [("resync", {})])
     assert recorder.records == []  # never a partial replay
     after = await publisher.publish("u1", head(999))
     await recorder.wait(lambda: after in recorder.records)
@@ -202,7 +202,7 @@ async def test_data_lost_while_disconnected_asks_for_a_resync(
     assert new.epoch != old.epoch
     assert new.seq == 1
     gate.set()
-    await recorder.wait(lambda: recorder.controls == [("resync", "")])
+    await recorder.wait(lambda: recorder.controls == [("resync", {})])
     after = await publisher.publish("u1", head(3))
     await recorder.wait(lambda: after in recorder.records)
     assert recorder.records == [old, after]
@@ -456,7 +456,7 @@ async def test_restart_with_aof_loses_nothing_and_without_persistence_resyncs(
     server.stop()
     server.wipe_persistence()
     server.start(persist=False)
-    await recorder.wait(lambda: recorder.controls == [("resync", "")], limit=10)
+    await recorder.wait(lambda: recorder.controls == [("resync", {})], limit=10)
     assert not (await subscriber.history("u1", start)).complete
     fresh = await publish_retrying(publisher, "u1", 12)
     assert fresh.epoch != start.epoch
@@ -567,9 +567,11 @@ async def test_catch_up_covers_many_users(
 async def test_control_messages_reach_other_nodes(redis_factory: Factory) -> None:
     a, a_recorder = await redis_factory()
     _, b_recorder = await redis_factory()
-    await a.send_control("disconnect_user", "u1\nLogged out")
-    await b_recorder.wait(lambda: b_recorder.controls == [("disconnect_user", "u1\nLogged out")])
-    assert a_recorder.controls == [("disconnect_user", "u1\nLogged out")]
+    await a.send_control("disconnect_user", {"user_id": "u1\nx", "reason": "Logged out"})
+    await b_recorder.wait(
+        lambda: b_recorder.controls == [("disconnect_user", {"user_id": "u1\nx", "reason": "Logged out"})]
+    )
+    assert a_recorder.controls == [("disconnect_user", {"user_id": "u1\nx", "reason": "Logged out"})]
 
 
 async def test_garbage_on_the_channels_and_failing_callbacks_are_survived(
@@ -596,7 +598,7 @@ async def test_garbage_on_the_channels_and_failing_callbacks_are_survived(
 
     subscriber._deliver, subscriber._control = deliver, control
     lost = await publisher.publish("u1", head(1))
-    await publisher.send_control("disconnect_user", "u1")
+    await publisher.send_control("disconnect_user", {"user_id": "u1"})
     kept = await publisher.publish("u1", head(2))
     await recorder.wait(lambda: kept in recorder.records)
     assert lost not in recorder.records
