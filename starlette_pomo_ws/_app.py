@@ -21,7 +21,7 @@ from ._auth import (
     raw_header,
 )
 from ._broadcaster import _NOT_STARTED, Broadcaster, fit_reason
-from ._connection import CLOSED, Connection
+from ._connection import Connection
 from ._events import CursorSigner, iso_timestamp
 from ._lifespan import install_bare_route
 from ._metrics import MetricsCollector
@@ -248,8 +248,7 @@ class PomoWS:
         try:
             await send({"type": "websocket.accept", "subprotocol": subprotocol})
             broadcaster.stats.accepted += 1
-            connection.bind_reader()
-            await connection.close_after_accept()
+            await connection.accepted()
             logger.info("WebSocket connected: user %s, connection %s", connection.user_id, connection.id)
             try:
                 last_event_id = connection_info.query_params.get("last_event_id")
@@ -273,10 +272,9 @@ class PomoWS:
                 raise
             kind = message["type"]
             if kind == "websocket.disconnect":
-                if connection.mode != CLOSED:
-                    connection.close_code = message.get("code") or 1005
+                connection.disconnected(message.get("code") or 1005)
                 return
-            if kind != "websocket.receive" or connection.mode == CLOSED:
+            if kind != "websocket.receive" or connection.released:
                 continue
             text = message.get("text")
             if text is None:
@@ -343,6 +341,8 @@ class PomoWS:
         scope["subprotocols"] = []
         try:
             principal = await self._authenticate(HTTPConnection(scope))
+            if not isinstance(principal, Principal):
+                raise TypeError(f"authenticate returned {type(principal).__name__}, not a Principal")
         except AuthenticationError as exc:
             _error(connection, "invalid_token", exc.reason)
             return

@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import heapq
 import itertools
 import logging
 import secrets
 import time
-import types
-from collections.abc import Coroutine, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
-from ._connection import CLOSED, QUEUED, RESUMING, Connection
+from ._connection import Connection
 from ._events import (
     CursorSigner,
     Event,
@@ -21,9 +21,11 @@ from ._events import (
     envelope_head,
     iso_timestamp,
     protocol_message,
+    wire_size,
     with_id,
 )
 from ._metrics import Stats
+from ._outbox import Outbox
 from ._registry import Registry
 from ._types import Message
 from .backends.base import Backend, Record
@@ -60,7 +62,8 @@ class Broadcaster:
         self._signer: CursorSigner | None = None
         self._running = False
         self._accepting = False
-        self._queued: dict[Connection, None] = {}
+        # The outboxes whose socket is backed up (they have a writer task): the ticker checks their progress.
+        self.backed_up: dict[Outbox, None] = {}
         self._closers: set[asyncio.Task[None]] = set()
         # The token timers: (when, token, kind) entries name a token, never a connection, so that a
         # closed connection is freed at once; `_timed` maps the live tokens to their connections.
@@ -180,6 +183,7 @@ class Broadcaster:
         self._last_id = (seq, event_id)
         text = with_id(record.head, event_id)
         message = {"type": "websocket.send", "text": text}
+        size = wire_size(text)
         if record.published_at:
             self.stats.pubsub_lag.observe(max(0.0, time.time() - record.published_at))
         if user_id is None:
@@ -190,28 +194,16 @@ class Broadcaster:
             if not connections:
                 return
             self._user_activity[user_id] = time.monotonic()
+        # One context for the whole fan-out: a wrapper around a server's `send` that sets a context
+        # variable and is paused in the middle leaves it there, not in the publisher's context.
+        context = contextvars.copy_context()
+        sent = 0
+        for connection in connections:
+            if connection.deliver(message, size, seq, context):
+                sent += 1
         stats = self.stats
-        stats.messages_sent += len(connections)  # Connection.deliver takes back what it queues or drops
-        stats.bytes_sent += len(connections) * (len(text) if text.isascii() else len(text.encode()))
-        # Fan out in a coroutine that awaits each socket's send: the cheapest way to call it. We step
-        # that coroutine by hand, once per event. A send that finishes at once (the socket keeps up)
-        # never leaves the loop. A send that the server pauses (flow control) makes the coroutine
-        # yield: that coroutine, with its one unfinished send, becomes the stalled socket's writer
-        # task, and a fresh coroutine carries on over the same iterator. The paused one later finds
-        # the iterator exhausted and ends. So one slow socket never delays the others, and the common
-        # case costs no task and no task switch.
-        remaining = iter(connections)
-        while True:
-            fan = _fan(remaining, message, seq)
-            try:
-                yielded = fan.send(None)
-            except StopIteration:
-                return
-            # The loop variable of the paused coroutine names the socket that stalled.
-            frame = cast("types.CoroutineType[Any, Any, None]", fan).cr_frame
-            assert frame is not None  # a suspended coroutine always has its frame
-            stalled: Connection = frame.f_locals["connection"]
-            stalled.stalled(fan, yielded)
+        stats.messages_sent += sent  # the writers of backed-up sockets count their own
+        stats.bytes_sent += sent * size
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -296,7 +288,7 @@ class Broadcaster:
         user_id = connection.user_id
         if self._shared:  # the memory backend delivers every event of this process: nothing to subscribe
             await self._subscribe(user_id)
-        if connection.mode == CLOSED:
+        if connection.released:
             return
         resync_reason: str | None = None
         replay: list[Record] = []
@@ -317,8 +309,6 @@ class Broadcaster:
                     resync_reason = "history_unavailable" if cursor.epoch == position.epoch else "new_epoch"
         else:
             position = await self.backend.position()
-        if connection.mode == CLOSED:
-            return
         if last_event_id:
             self.stats.resumes["ok" if resync_reason is None else "resync"] += 1
         established = {
@@ -347,7 +337,7 @@ class Broadcaster:
             skip_upto = record.seq
         if connection.expires_at is not None:
             self.schedule_expiry(connection)
-        connection.start_queue(messages, skip_upto)
+        connection.establish(messages, skip_upto)
 
     async def _subscribe(self, user_id: str) -> None:
         """Make sure this node receives `user_id`'s events before its history is read (the resume seam).
@@ -381,12 +371,11 @@ class Broadcaster:
     def _position_id(self, position: Position, user_id: str) -> str:
         return self._sign(position.epoch, position.seq, user_id)
 
-    def _release(self, connection: Connection) -> None:
-        """Forget a closed connection (called once, synchronously, by Connection.release)."""
+    def forget(self, connection: Connection) -> None:
+        """Forget a closed connection (called once, synchronously, by `Connection.release`)."""
         self.stats.disconnects[connection.close_code] += 1
         if connection.expiry_token >= 0:
             self._forget_expiry(connection)
-        self._queued.pop(connection, None)
         user_id = connection.user_id
         if self.registry.remove(connection):
             self._user_activity.pop(user_id, None)
@@ -404,6 +393,12 @@ class Broadcaster:
         finally:
             if self._unsubscribing.get(user_id) is asyncio.current_task():
                 del self._unsubscribing[user_id]
+
+    def track(self, closing: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's close in a task that shutdown waits for (a bounded time)."""
+        task = asyncio.ensure_future(closing)
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)
@@ -476,9 +471,9 @@ class Broadcaster:
 
     def _check_send_timeouts(self, now: float) -> None:
         limit = self.settings.send_timeout
-        for connection in tuple(self._queued):
-            if connection.mode == QUEUED and now - connection.blocked_since > limit:
-                connection.abort(1013, "Client too slow")
+        for outbox in tuple(self.backed_up):
+            if now - outbox.blocked_since > limit:
+                outbox.on_too_slow()
 
     def _check_expiries(self, now: float) -> None:
         heap = self._expiries
@@ -503,7 +498,7 @@ class Broadcaster:
             return
         activity = self._user_activity
         for connection in self.registry.everyone():
-            if connection.mode == RESUMING or connection.mode == CLOSED:
+            if not connection.established:
                 continue
             last = max(connection.last_sent, activity.get(connection.user_id, 0.0))
             if now - last >= interval:
@@ -520,17 +515,6 @@ class Broadcaster:
             "users": self.registry.users,
         }
         return (200 if self._accepting else 503), body
-
-
-async def _fan(connections: Iterator[Connection], message: Message, seq: int) -> None:
-    for connection in connections:
-        if connection.mode:  # not FAST: guarded, queued, resuming or closed
-            connection.deliver(message, seq)
-            continue
-        try:
-            await connection._send(message)
-        except Exception as exc:
-            connection.failed(exc)
 
 
 def _text(text: str) -> dict[str, Any]:

@@ -1,16 +1,16 @@
 from __future__ import annotations
 
 import asyncio
-import collections
-import functools
+import contextvars
 import itertools
 import logging
 import sys
 import time
-from collections.abc import Coroutine, Generator, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._events import protocol_message
+from ._events import protocol_message, wire_size
+from ._outbox import Outbox
 from ._types import Message, Scope, Send
 
 if TYPE_CHECKING:
@@ -21,26 +21,14 @@ __all__ = ["Connection"]
 
 logger = logging.getLogger("starlette_pomo_ws")
 
-# Modes. FAST is 0 so that the fan-out loop tests it with one truth check.
-FAST = 0  # the socket keeps up: fan-out writes straight through, no queue, no task
-GUARDED = 1  # like FAST, but drops events at or below `skip_upto` (the seam after a resume)
-QUEUED = 2  # the socket is backed up, or still sending its replay: events wait in `backlog`
-RESUMING = 3  # not yet established: live events wait in `pending` until the replay is known
-CLOSED = 4
-
-_DONE: Any = object()
-# A send in progress that was stepped by hand: a coroutine's __await__ iterator, or a coroutine.
-_Steppable = Generator[Any, None, None] | Coroutine[Any, Any, None]
 _ids = itertools.count(1)
 
 
 class Connection:
-    """One accepted WebSocket: its principal, its outgoing path and its limits.
+    """One accepted WebSocket: who it is, where its events go, and its limits.
 
-    The common case costs nothing extra: fan-out calls the ASGI `send` and steps its coroutine once.
-    When that step does not finish (the server's flow control paused the socket), the unfinished send
-    moves to a writer task, and later events wait in a bounded `backlog` until the socket drains.
-    `on_message` handlers receive this object: use `user_id`, `principal` and `await send(type, data)`.
+    `on_message` handlers receive this object: use `user_id`, `principal`, `id`, `scope` and
+    `await send(type, data)`. Everything else is the package's own.
 
     Attributes:
         user_id: the authenticated user (always a string).
@@ -50,60 +38,62 @@ class Connection:
     """
 
     __slots__ = (
+        "_accepted",
         "_broadcaster",
+        "_bucket",
+        "_bucket_time",
+        "_close_code",
+        "_close_reason",
         "_closing",
         "_dead",
+        "_floor",
+        "_last_sent",
+        "_outbox",
+        "_pending",
         "_reader",
-        "_send",
+        "_released",
+        "_strikes",
         "_woken",
-        "_writer",
-        "accepted",
-        "backlog",
-        "blocked_since",
-        "bucket",
-        "bucket_time",
-        "close_code",
-        "close_reason",
         "expires_at",
         "expiry_token",
         "id",
-        "last_sent",
-        "mode",
-        "pending",
         "principal",
         "scope",
-        "skip_upto",
-        "strikes",
         "user_id",
     )
 
     def __init__(self, broadcaster: Broadcaster, principal: Principal, send: Send, scope: Scope) -> None:
         self._broadcaster = broadcaster
-        self._send = send
+        settings = broadcaster.settings
         self.scope = scope
         self.principal = principal
         self.user_id = principal.user_id
         self.id = f"{broadcaster.node_id}-{next(_ids)}"
-        self.mode = RESUMING
-        self.backlog: collections.deque[Message] | None = None
-        self.pending: list[tuple[int, Message]] = []
-        self.skip_upto = 0
-        self.blocked_since = 0.0
-        self.last_sent = time.monotonic()
         self.expires_at = principal.expires_at
-        self.expiry_token = -1
-        self.close_code = 1006  # until a close says otherwise: the peer vanished
-        self.close_reason = ""
-        self.accepted = False
-        settings = broadcaster.settings
-        self.bucket = float(settings.client_message_burst)
-        self.bucket_time = self.last_sent
-        self.strikes = 0
-        self._writer: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[Any] | None = None
+        self.expiry_token = -1  # the broadcaster's handle on this connection's token timers
+        self._outbox = Outbox(
+            send,
+            settings.send_queue_size,
+            broadcaster.stats,
+            broadcaster.backed_up,
+            self._failed,
+            self._too_slow,
+        )
+        # Until establish(): live events wait here with their seq, to be merged behind the replay.
+        self._pending: list[tuple[int, Message, int]] | None = []
+        self._floor = 0  # events at or below this seq were sent in the replay (the resume seam)
+        self._last_sent = time.monotonic()
+        self._close_code = 1006  # until a close says otherwise: the peer vanished
+        self._close_reason = ""
+        self._accepted = False
         self._closing = False
+        self._released = False
         self._dead = False  # the transport is gone: the reader must stop waiting on receive()
         self._woken = False  # we cancelled the reader's receive() ourselves
+        self._reader: asyncio.Task[Any] | None = None
+        self._bucket = float(settings.client_message_burst)
+        self._bucket_time = self._last_sent
+        self._strikes = 0
 
     def __repr__(self) -> str:
         return f"<Connection id={self.id!r} user_id={self.user_id!r}>"
@@ -114,183 +104,120 @@ class Connection:
         """Send one protocol message (no `id`) to this connection only. Never waits on the socket."""
         self.notify(type, data)
 
+    # -- for the package --------------------------------------------------------------------------------
+
     def notify(self, type: str, data: Any = None) -> None:
-        """`send()` for code that is not async: the server's own protocol messages (PONG, ERROR, ...)."""
-        self.push({"type": "websocket.send", "text": protocol_message(type, self.user_id, data)})
+        """`send()` for code that is not async: the server's own messages (PONG, ERROR, HEARTBEAT, ...)."""
+        text = protocol_message(type, self.user_id, data)
+        self._last_sent = time.monotonic()
+        size = wire_size(text)
+        if self._outbox.put({"type": "websocket.send", "text": text}, size, contextvars.copy_context()):
+            self._outbox.count(size)
 
-    # -- the outgoing path ------------------------------------------------------------------------------
-
-    def deliver(self, message: Message, seq: int) -> None:
-        """Hand a fanned-out event to a connection that is not FAST (the fan-out loop does FAST itself)."""
-        # The fan-out counted this delivery as sent; push() or the writer counts it again if it is.
-        self._broadcaster.stats.messages_sent -= 1
-        self._broadcaster.stats.bytes_sent -= len(message["text"])
-        mode = self.mode
-        if mode == GUARDED:
-            if seq <= self.skip_upto:
-                return
-            self.mode = FAST
-            self.push(message)
-        elif mode == QUEUED:
-            if seq > self.skip_upto:
-                self._enqueue(message)
-        elif mode == RESUMING:
-            pending = self.pending
-            if len(pending) >= self._broadcaster.settings.send_queue_size:
-                self.abort(1013, "Client too slow")
-            else:
-                pending.append((seq, message))
-
-    def push(self, message: Message) -> None:
-        """Send now if the socket keeps up, else queue behind what is waiting."""
-        mode = self.mode
-        if mode == QUEUED:
-            self._enqueue(message)
-            return
-        if mode == CLOSED:
-            return
-        self.last_sent = time.monotonic()
-        self._step(message)
-
-    def _step(self, message: Message) -> bool | None:
-        """Send one message at once: True when it went out, False when the transport failed, None when
-        the server paused the socket mid-send (the unfinished send then belongs to a new writer task)."""
-        stats = self._broadcaster.stats
-        stats.messages_sent += 1
-        stats.bytes_sent += len(message["text"])
-        try:
-            awaitable = self._send(message).__await__()
-            yielded = next(awaitable, _DONE)
-        except Exception as exc:
-            self.failed(exc)
-            return False
-        if yielded is _DONE:
-            return True
-        self.stalled(awaitable, yielded)
-        return None
-
-    def _enqueue(self, message: Message) -> None:
-        backlog = self.backlog
-        assert backlog is not None
-        if len(backlog) >= self._broadcaster.settings.send_queue_size:
+    def deliver(self, message: Message, size: int, seq: int, context: contextvars.Context) -> bool:
+        """Hand over one fanned-out event; True when it went out at once (the fan-out counts those)."""
+        if seq <= self._floor:
+            return False  # already sent in the replay
+        pending = self._pending
+        if pending is None:
+            return self._outbox.put(message, size, context)
+        if len(pending) >= self._broadcaster.settings.send_queue_size:
             self.abort(1013, "Client too slow")
+        else:
+            pending.append((seq, message, size))
+        return False
+
+    def establish(self, messages: Iterable[Message], upto: int) -> None:
+        """Send CONNECTION_ESTABLISHED and the replay (events up to seq `upto`), then the live events."""
+        pending, self._pending = self._pending, None
+        if self._released or pending is None:
             return
-        backlog.append(message)
+        context = contextvars.copy_context()
+        outbox = self._outbox
+        for message in messages:
+            size = wire_size(message["text"])
+            if outbox.put(message, size, context):
+                outbox.count(size)
+        for seq, message, size in pending:
+            if seq > upto:
+                if outbox.put(message, size, context):
+                    outbox.count(size)
+                upto = seq
+        self._floor = upto
 
-    def start_queue(self, messages: Iterable[Message], skip_upto: int) -> None:
-        """Leave RESUMING: send `messages` (CONNECTION_ESTABLISHED, the replay), then live events after `skip_upto`."""
-        self.skip_upto = skip_upto
-        backlog = self.backlog = collections.deque(messages)
-        for seq, message in self.pending:
-            if seq > skip_upto:
-                backlog.append(message)
-                skip_upto = seq
-        self.pending = []
-        self.skip_upto = skip_upto
-        self.mode = QUEUED
-        if len(backlog) > self._broadcaster.settings.send_queue_size:
-            self.abort(1013, "Client too slow")
-            return
-        # Send what is waiting right away while the socket keeps up; only a paused socket gets a task.
-        while backlog:
-            if not self._step(backlog.popleft()):
-                return  # failed, or paused: the writer task sends the rest
-        self.backlog = None
-        self.mode = GUARDED if self.skip_upto else FAST
+    @property
+    def established(self) -> bool:
+        return self._pending is None and not self._released
 
-    def stalled(self, awaitable: _Steppable, yielded: Any) -> None:
-        """The server paused this socket mid-send: finish that send in a writer task, queue the rest."""
-        self.mode = QUEUED
-        if self.backlog is None:
-            self.backlog = collections.deque()
-        self._start_writer(awaitable, yielded)
+    @property
+    def released(self) -> bool:
+        return self._released
 
-    def _start_writer(self, awaitable: _Steppable | None, yielded: Any) -> None:
-        self.blocked_since = time.monotonic()
-        self._broadcaster._queued[self] = None
-        self._writer = asyncio.ensure_future(self._drain(awaitable, yielded))
+    @property
+    def last_sent(self) -> float:
+        """When the server last sent this connection one of its own messages (monotonic clock)."""
+        return self._last_sent
 
-    async def _drain(self, awaitable: _Steppable | None, yielded: Any) -> None:
-        try:
-            if awaitable is not None:
-                await _finish(awaitable, yielded)
-                awaitable = None
-            send = self._send
-            backlog = self.backlog
-            stats = self._broadcaster.stats
-            while backlog:
-                self.blocked_since = time.monotonic()
-                message = backlog.popleft()
-                await send(message)
-                stats.messages_sent += 1
-                stats.bytes_sent += len(message["text"])
-            if self.mode == QUEUED:
-                self.backlog = None
-                self.mode = GUARDED if self.skip_upto else FAST
-                self.last_sent = time.monotonic()
-        except asyncio.CancelledError:
-            if awaitable is not None:
-                awaitable.close()
-        except Exception as exc:
-            self.failed(exc)
-        finally:
-            self._writer = None
-            self._broadcaster._queued.pop(self, None)
+    @property
+    def close_code(self) -> int:
+        return self._close_code
 
     # -- closing ------------------------------------------------------------------------------------------
 
-    def failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> None:
         """The transport failed under a send: the peer is gone. Release it without a close frame."""
-        if self.mode == CLOSED:
+        if self._released:
             return
-        logger.debug("Send failed on connection %s (user %s): %r", self.id, self.user_id, exc)
+        logger.debug("Send failed on connection %s (user %r): %r", self.id, self.user_id, exc)
         self.release()
         self._wake_reader()
 
+    def _too_slow(self) -> None:
+        self.abort(1013, "Client too slow")
+
     def abort(self, code: int, reason: str) -> None:
-        """Release the connection now, then try a close frame with a bounded wait (never blocks the caller)."""
-        if self.mode == CLOSED or self._closing:
+        """Release the connection now, then send the close frame in a task, with a bounded wait."""
+        if self._released or self._closing:
             return
         self._closing = True
-        self.close_code = code
-        self.close_reason = reason
+        self._close_code = code
+        self._close_reason = reason
         if code == 1013:
             self._broadcaster.stats.slow_closes += 1
-            logger.warning("Closing connection %s (user %s): client too slow", self.id, self.user_id)
+            logger.warning("Closing connection %s (user %r): client too slow", self.id, self.user_id)
         else:
-            logger.info("Closing connection %s (user %s) with %d: %s", self.id, self.user_id, code, reason)
+            logger.info("Closing connection %s (user %r) with %d: %s", self.id, self.user_id, code, reason)
         self.release()
-        if not self.accepted:
-            return  # still in the handshake: the handler sends this close once it has accepted
-        task = asyncio.ensure_future(self._close(code, reason))
-        self._broadcaster._closers.add(task)
-        task.add_done_callback(self._broadcaster._closers.discard)
+        if self._accepted:  # still in the handshake: the handler sends this close once it has accepted
+            self._broadcaster.track(self._close())
 
-    async def close_after_accept(self) -> None:
-        """Send the close that `abort()` decided during the handshake, now that the socket is accepted."""
-        self.accepted = True
-        if self.mode == CLOSED and self._closing:
-            await self._close(self.close_code, self.close_reason)
+    async def accepted(self) -> None:
+        """The handshake is accepted: the reader is this task; send a close that came during the handshake."""
+        self._accepted = True
+        self._reader = asyncio.current_task()
+        if self._closing:
+            await self._close()
 
-    async def _close(self, code: int, reason: str) -> None:
-        timeout = self._broadcaster.settings.send_timeout
-        try:
-            await asyncio.wait_for(self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout)
-        except Exception as exc:
-            logger.debug("Close frame not sent to %s: %r", self.id, exc)
+    async def _close(self) -> None:
+        sent = await self._outbox.close(self._close_code, self._close_reason, self._broadcaster.settings.send_timeout)
+        if not sent:
+            # The peer does not read: stop waiting on it, so that the server drops the transport.
             self._wake_reader()
 
     def release(self) -> None:
-        """Leave the registry and free the queue at once; idempotent."""
-        if self.mode == CLOSED:
+        """Leave the registry and stop sending at once; idempotent."""
+        if self._released:
             return
-        self.mode = CLOSED
-        self.backlog = None
-        self.pending = []
-        writer = self._writer
-        if writer is not None and writer is not asyncio.current_task():
-            writer.cancel()
-        self._broadcaster._release(self)
+        self._released = True
+        self._pending = None
+        self._outbox.stop()
+        self._broadcaster.forget(self)
+
+    def disconnected(self, code: int) -> None:
+        """The client closed (or vanished): remember its code for the metrics, then release."""
+        if not self._released:
+            self._close_code = code
+        self.release()
 
     @property
     def dead(self) -> bool:
@@ -321,46 +248,23 @@ class Connection:
             reader.uncancel()
         return True
 
-    def bind_reader(self) -> None:
-        self._reader = asyncio.current_task()
-
     # -- client message rate ----------------------------------------------------------------------------
 
     def take_token(self, now: float) -> bool:
+        """Take a token from the client-message bucket; False when the client is over its rate."""
         settings = self._broadcaster.settings
         burst = settings.client_message_burst
-        bucket = min(burst, self.bucket + (now - self.bucket_time) * settings.client_message_rate)
-        self.bucket_time = now
+        bucket = min(burst, self._bucket + (now - self._bucket_time) * settings.client_message_rate)
+        self._bucket_time = now
         if bucket >= 1:
-            self.bucket = bucket - 1
-            self.strikes = 0
+            self._bucket = bucket - 1
+            self._strikes = 0
             return True
-        self.bucket = bucket
-        self.strikes += 1
+        self._bucket = bucket
+        self._strikes += 1
         return False
 
-
-async def _finish(awaitable: _Steppable, yielded: Any) -> None:
-    """Drive a send coroutine that was stepped by hand and paused: wait on what it yielded, then step on.
-
-    The coroutine yielded a future to us rather than to a task, so we must not `await` that future
-    again (asyncio refuses a second await on a future that is still marked as yielded); we wait for it
-    to complete through a callback instead, as a task would, and then resume the coroutine.
-    """
-    loop = asyncio.get_running_loop()
-    while True:
-        if yielded is None:  # a bare `yield` (asyncio.sleep(0)): just let the loop run once
-            await asyncio.sleep(0)
-        else:
-            done = loop.create_future()
-            yielded.add_done_callback(functools.partial(_wake, done))
-            await done
-        try:
-            yielded = awaitable.send(None)
-        except StopIteration:
-            return
-
-
-def _wake(waiter: asyncio.Future[None], _: object) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    @property
+    def strikes(self) -> int:
+        """How many messages in a row were over the rate."""
+        return self._strikes

@@ -142,6 +142,11 @@ def envelope_head(type_: str, user_id: str | None, data_json: str, timestamp: st
     )
 
 
+def wire_size(text: str) -> int:
+    """The size of a text frame's payload: its UTF-8 bytes (ASCII text, the common case, skips encoding)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def with_id(head: str, event_id: str) -> str:
     return f'{head},"id":"{event_id}"}}'
 

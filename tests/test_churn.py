@@ -39,7 +39,7 @@ def leftovers(broadcaster: Broadcaster) -> dict[str, int]:
     return {
         "connections": broadcaster.total_connection_count(),
         "users": broadcaster.registry.users,
-        "queued": len(broadcaster._queued),
+        "queued": len(broadcaster.backed_up),
         "subscriptions": len(broadcaster._subscriptions),
         "closers": len(broadcaster._closers),
         "background": len(broadcaster._tasks),

@@ -27,6 +27,7 @@ class GatedBackend(MemoryBackend):
     """A shared-style backend whose subscribe waits for the test, and can fail."""
 
     kind = "gated"
+    shared = True  # like a remote backend: one subscription per user
 
     def __init__(self) -> None:
         super().__init__()

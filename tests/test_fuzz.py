@@ -187,7 +187,7 @@ async def started(config: Settings | None = None) -> AsyncIterator[PomoWS]:
     async with pomo.lifespan():
         yield pomo
         await wait_until(lambda: pomo.broadcaster.total_connection_count() == 0, 3, "the registry to empty")
-        assert pomo.broadcaster._queued == {}
+        assert pomo.broadcaster.backed_up == {}
         assert pomo.broadcaster._subscriptions == {}
     await wait_until(lambda: len(asyncio.all_tasks()) == baseline, 3, "asyncio tasks back to their baseline")
 

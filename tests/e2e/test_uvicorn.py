@@ -309,10 +309,10 @@ async def test_a_client_that_pauses_then_reads_gets_everything_in_order(ws_impl:
         blob = "y" * 16384
         published = 0
         with anyio.fail_after(30):
-            while published < 3000 and not pomo.broadcaster._queued:
+            while published < 3000 and not pomo.broadcaster.backed_up:
                 await pomo.broadcaster.broadcast_to_user("pauser", "BULK", {"n": published, "blob": blob})
                 published += 1
-            assert pomo.broadcaster._queued, "the server never paused the socket"
+            assert pomo.broadcaster.backed_up, "the server never paused the socket"
             for _ in range(50):  # these wait in the connection's queue
                 await pomo.broadcaster.broadcast_to_user("pauser", "BULK", {"n": published, "blob": blob})
                 published += 1
@@ -326,7 +326,7 @@ async def test_a_client_that_pauses_then_reads_gets_everything_in_order(ws_impl:
                         break
         sock.close()
         assert seen == list(range(published))
-        await wait_until(lambda: not pomo.broadcaster._queued, what="the writer task finished")
+        await wait_until(lambda: not pomo.broadcaster.backed_up, what="the writer task finished")
 
 
 def _payload_length(frame: bytes) -> int:

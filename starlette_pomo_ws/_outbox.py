@@ -1,0 +1,213 @@
+"""The send primitive: one socket's outgoing path.
+
+`Outbox.put()` is the only way a message leaves the package. It calls the server's ASGI `send` at
+once and steps the awaitable it returns by one step:
+
+- When that step finishes the send (the socket keeps up: the common case), the message is out, at
+  the cost of no task and no task switch.
+- When it does not (the server's flow control paused the socket, or the server completes sends on
+  another thread, as granian does), the rest of that send, and every message after it, belongs to
+  one writer task, and waits in a bounded backlog. A full backlog, or a writer that makes no
+  progress for `send_timeout`, marks the client as too slow (the connection then closes with 1013).
+
+Any awaitable works: a coroutine, an asyncio future, or a server's own future-like object. Nothing
+here looks inside it: the writer task waits on whatever the first step yielded, exactly as it would
+had it awaited the send itself, and steps the rest inside the same `contextvars.Context` as the
+first step, so that a wrapper around `send` which sets a context variable (a tracing span) and
+resets it after its `await` finds its own context again, and never leaks into the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+import time
+import types
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from typing import Any
+
+from ._metrics import Stats
+from ._types import Message, Send
+
+__all__ = ["Outbox"]
+
+logger = logging.getLogger("starlette_pomo_ws")
+
+_DONE: Any = object()
+
+
+class Outbox:
+    """Sends one socket's messages in order, without ever making the caller wait.
+
+    Args:
+        send: the server's ASGI `send` for this socket.
+        limit: how many messages may wait behind a paused send before `on_too_slow` is called.
+        counters: where sent messages and bytes are counted, once each, when they really go out.
+        backed_up: the set of outboxes that have a writer (the ticker checks their progress).
+        on_failure: called with the exception when the transport fails under a send.
+        on_too_slow: called when the backlog is full (and by the ticker after `send_timeout`).
+    """
+
+    __slots__ = (
+        "_backed_up",
+        "_backlog",
+        "_counters",
+        "_limit",
+        "_on_failure",
+        "_send",
+        "_writer",
+        "blocked_since",
+        "closed",
+        "on_too_slow",
+    )
+
+    def __init__(
+        self,
+        send: Send,
+        limit: int,
+        counters: Stats,
+        backed_up: dict[Outbox, None],
+        on_failure: Callable[[BaseException], None],
+        on_too_slow: Callable[[], None],
+    ) -> None:
+        self._send = send
+        self._limit = limit
+        self._counters = counters
+        self._backed_up = backed_up
+        self._on_failure = on_failure
+        self.on_too_slow = on_too_slow
+        # None while the socket keeps up; a deque while a writer task owns the socket.
+        self._backlog: collections.deque[tuple[Message, int]] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self.blocked_since = 0.0  # when the writer last started a send
+        self.closed = False
+
+    @property
+    def backed_up(self) -> bool:
+        """Whether a writer task owns the socket (a send is paused, or messages wait behind one)."""
+        return self._backlog is not None
+
+    def put(self, message: Message, size: int, context: contextvars.Context) -> bool:
+        """Send `message` now if the socket keeps up, else queue it behind the writer. Never waits.
+
+        Args:
+            message: the ASGI `websocket.send` message (the same dict for every socket of a fan-out).
+            size: its size on the wire, in bytes of UTF-8, counted when it goes out.
+            context: the context the send runs in (a fan-out passes one copy for all its sockets).
+
+        Returns:
+            True when the message went out at once; the caller counts those (a fan-out adds them
+            up once per event). Messages that go out later are counted by the writer.
+        """
+        backlog = self._backlog
+        if backlog is not None:
+            if self.closed:
+                return False
+            if len(backlog) >= self._limit:
+                self.on_too_slow()
+            else:
+                backlog.append((message, size))
+            return False
+        if self.closed:
+            return False
+        try:
+            sending = self._send(message).__await__()
+            yielded = context.run(next, sending, _DONE)
+        except Exception as exc:
+            self._on_failure(exc)
+            return False
+        if yielded is _DONE:
+            return True
+        # The send did not finish in one step: the writer task finishes it, then sends what queues up.
+        self._backlog = collections.deque()
+        self.blocked_since = time.monotonic()
+        self._backed_up[self] = None
+        self._writer = asyncio.ensure_future(self._write(_rest_of(context, sending, yielded), size))
+        return False
+
+    def count(self, size: int) -> None:
+        counters = self._counters
+        counters.messages_sent += 1
+        counters.bytes_sent += size
+
+    async def _write(self, paused: Awaitable[None], size: int) -> None:
+        """The writer task: finish the paused send, then drain the backlog; then the socket is free again."""
+        try:
+            await paused
+            self.count(size)
+            backlog = self._backlog
+            send = self._send
+            while backlog:
+                message, size = backlog.popleft()
+                self.blocked_since = time.monotonic()
+                await send(message)
+                self.count(size)
+            self._backlog = None  # caught up: from now on put() sends at once again
+        except asyncio.CancelledError:
+            pass  # cancelled by close(): the connection is closing
+        except Exception as exc:
+            self._on_failure(exc)
+        finally:
+            self._writer = None
+            self._backed_up.pop(self, None)
+
+    def stop(self) -> None:
+        """Send nothing more: drop what waits, and stop the writer's paused send (safe: it wrote nothing yet)."""
+        self.closed = True
+        if self._backlog is not None:
+            self._backlog.clear()
+        # Here, not only in the writer's `finally`: a writer cancelled before its first step never runs.
+        self._backed_up.pop(self, None)
+        writer = self._writer
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()
+
+    async def close(self, code: int, reason: str, timeout: float) -> bool:
+        """Stop, then send the close frame once the socket takes it, within `timeout` seconds in all.
+
+        What was already written (the server's and the kernel's buffers) reaches a client that reads
+        again within `timeout`, followed by the close frame. Returns whether the frame was handed over.
+        """
+        self.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        writer = self._writer
+        try:
+            if writer is not None and writer is not asyncio.current_task():
+                # The cancelled send unwinds; a server that completes sends elsewhere (granian) first
+                # finishes the one it was given, so that the close frame follows it.
+                await asyncio.wait({writer}, timeout=timeout)
+            message: Message = {"type": "websocket.close", "code": code, "reason": reason}
+            await asyncio.wait_for(self._send(message), max(0.0, deadline - loop.time()))
+        except Exception as exc:
+            logger.debug("Close frame %d not sent: %r", code, exc)
+            return False
+        return True
+
+
+@types.coroutine
+def _rest_of(
+    context: contextvars.Context, sending: Iterator[Any], yielded: Any
+) -> Generator[Any, None, None]:
+    """The rest of a send whose first step was taken by hand, for the writer task to await.
+
+    The task receives what that step yielded (a future, or None for "run me again soon"), as if it
+    had yielded it itself; each further step runs in the send's own context.
+    """
+    while True:
+        try:
+            yield yielded
+        except BaseException as exc:  # the writer is cancelled: pass it into the send, if it can take it
+            throw = getattr(sending, "throw", None)
+            if throw is None:
+                raise
+            try:
+                yielded = context.run(throw, exc)
+            except StopIteration:
+                return
+            continue
+        yielded = context.run(next, sending, _DONE)
+        if yielded is _DONE:
+            return
