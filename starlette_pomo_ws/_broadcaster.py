@@ -27,7 +27,6 @@ from ._events import (
 from ._metrics import Stats
 from ._outbox import Outbox
 from ._registry import Registry
-from ._types import Message
 from .backends.base import Backend, Record
 from .exceptions import BackendUnavailable, NotStartedError
 

@@ -188,9 +188,7 @@ class Outbox:
 
 
 @types.coroutine
-def _rest_of(
-    context: contextvars.Context, sending: Iterator[Any], yielded: Any
-) -> Generator[Any, None, None]:
+def _rest_of(context: contextvars.Context, sending: Iterator[Any], yielded: Any) -> Generator[Any, None, None]:
     """The rest of a send whose first step was taken by hand, for the writer task to await.
 
     The task receives what that step yielded (a future, or None for "run me again soon"), as if it
