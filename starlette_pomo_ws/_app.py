@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -25,8 +26,10 @@ from ._connection import Connection
 from ._events import CursorSigner, iso_timestamp
 from ._lifespan import install_bare_route
 from ._metrics import MetricsCollector
+from ._outbox import send_close
 from ._settings import Settings
 from ._types import Message, Receive, Scope, Send
+from ._wrap import Wrapped
 from .backends import create_backend
 from .backends.base import Backend
 from .exceptions import AuthenticationError
@@ -84,6 +87,21 @@ class PomoWS:
 
     def __repr__(self) -> str:
         return f"PomoWS(settings={self.settings!r}, backend={self.broadcaster.backend!r})"
+
+    def wrap(self, app: Any, *, path: str = "/ws") -> Wrapped:
+        """Wrap the whole app: run its lifespan on first use where the server sends none, and route
+        WebSockets under `path` straight to this app.
+
+        Needed under daphne, which sends no lifespan events: `application = pomo.wrap(app)`. Elsewhere it
+        is optional: it keeps WebSocket traffic out of the framework's routing and exception wrapper
+        (and out of the app's own middleware). The app is still set up as usual, with
+        `lifespan=pomo.lifespan` and `app.mount(path, pomo)`.
+
+        Args:
+            app: the ASGI app (Starlette, FastAPI, or any app whose lifespan starts this one).
+            path: the mount path; `""` routes no WebSocket directly.
+        """
+        return Wrapped(app, self, path)
 
     @property
     def metrics_collector(self) -> MetricsCollector:
@@ -269,6 +287,10 @@ class PomoWS:
             except BaseException as exc:
                 if isinstance(exc, Exception) or connection.reader_cancelled():
                     return
+                if isinstance(exc, asyncio.CancelledError):
+                    # The server cancels the handler: it is going away (hypercorn and granian do this at
+                    # shutdown, before the lifespan's). Tell the client so, with a short bounded wait.
+                    await connection.going_away()
                 raise
             kind = message["type"]
             if kind == "websocket.disconnect":
@@ -381,4 +403,4 @@ async def _refuse(send: Send, subprotocol: str | None, code: int, reason: str) -
     # Accept, then close: under uvicorn a close before accept becomes HTTP 403 and the reason is lost.
     accept: Message = {"type": "websocket.accept", "subprotocol": subprotocol}
     await send(accept)
-    await send({"type": "websocket.close", "code": code, "reason": fit_reason(reason)})
+    await send_close(send, code, fit_reason(reason))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -197,6 +198,16 @@ class Connection:
         self._reader = asyncio.current_task()
         if self._closing:
             await self._close()
+
+    async def going_away(self) -> None:
+        """The server is cancelling this connection's handler: close with 1001, waiting at most a second."""
+        if self._released or self._closing:
+            return
+        self._closing = True
+        self._close_code, self._close_reason = 1001, "Server shutting down"
+        self.release()
+        with contextlib.suppress(BaseException):
+            await self._outbox.close(1001, "Server shutting down", min(1.0, self._broadcaster.settings.send_timeout))
 
     async def _close(self) -> None:
         sent = await self._outbox.close(self._close_code, self._close_reason, self._broadcaster.settings.send_timeout)

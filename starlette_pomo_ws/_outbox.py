@@ -31,7 +31,7 @@ from typing import Any
 from ._metrics import Stats
 from ._types import Message, Send
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "send_close"]
 
 logger = logging.getLogger("starlette_pomo_ws")
 
@@ -179,12 +179,26 @@ class Outbox:
                 # The cancelled send unwinds; a server that completes sends elsewhere (granian) first
                 # finishes the one it was given, so that the close frame follows it.
                 await asyncio.wait({writer}, timeout=timeout)
-            message: Message = {"type": "websocket.close", "code": code, "reason": reason}
-            await asyncio.wait_for(self._send(message), max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(send_close(self._send, code, reason), max(0.0, deadline - loop.time()))
         except Exception as exc:
             logger.debug("Close frame %d not sent: %r", code, exc)
             return False
         return True
+
+
+async def send_close(send: Send, code: int, reason: str) -> None:
+    """Send a close frame; where the server refuses the code, send its private-use twin, 4000 + (code - 1000).
+
+    daphne (through autobahn) lets an application close only with 1000 or 3000-4999, and drops the
+    reason: there 1008 becomes 4008, 1013 becomes 4013, and so on. Every other server sends the code as is.
+    """
+    try:
+        await send({"type": "websocket.close", "code": code, "reason": reason})
+    except Exception:
+        if not 1000 < code < 2000:
+            raise
+        logger.debug("The server refused close code %d; sending %d", code, code + 3000)
+        await send({"type": "websocket.close", "code": code + 3000, "reason": reason})
 
 
 @types.coroutine
