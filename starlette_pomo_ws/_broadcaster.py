@@ -41,8 +41,8 @@ _NOT_STARTED = (
     "The starlette-pomo-ws broadcaster is not running: pomo.lifespan was never started. Mounted apps get no "
     "lifespan events, so wire it on the outer app: `app = Starlette(lifespan=pomo.lifespan)` or "
     "`FastAPI(lifespan=pomo.lifespan)`, or compose it into your own lifespan with `async with pomo.lifespan(app) "
-    "as state: yield {**state, ...}`. With Litestar use `plugins=[PomoWSPlugin(pomo)]`. A server that sends no lifespan events (daphne) needs "
-    "`application = pomo.wrap(app)`."
+    "as state: yield {**state, ...}`. With Litestar use `plugins=[PomoWSPlugin(pomo)]`. "
+    "A server that sends no lifespan events (daphne) needs `application = pomo.wrap(app)`."
 )
 _WARN, _EXPIRE = 0, 1
 

@@ -89,9 +89,7 @@ async def test_any_awaitable_delivers_every_message_in_order_and_counts_bytes(ki
     at_once = sum(outbox.put({"type": "websocket.send", "text": t}, len(t.encode()), context) for t in texts)
     for t in texts[:at_once]:
         outbox.count(len(t.encode()))
-    with anyio.fail_after(5):
-        while outbox.backed_up:
-            await asyncio.sleep(0.001)
+    await wait_until(lambda: not outbox.backed_up, what="the writer to drain")
     assert written == texts
     assert failures == []
     assert not backed_up
