@@ -31,6 +31,32 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
+def family(pid: int) -> list[int]:
+    """A process and its descendants (granian serves from a worker process it spawns)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pids[index]}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pids[index]}/task/{task}/children") as f:
+                    pids.extend(int(child) for child in f.read().split())
+        index += 1
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its descendants."""
+    return sum(cpu_seconds(member) for member in family(pid))
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants."""
+    total = 0
+    for member in family(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += rss_bytes(member)
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU seconds a process has run (user + system, all its threads), to the nanosecond.
 
@@ -110,6 +136,25 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+SERVERS = ("uvicorn", "hypercorn", "granian")
+
+
+def server_argv(server: str, app: str, port: int, deflate: bool) -> list[str]:
+    """The command that serves `app` (``module:attr``) on `port`, pinned to the server core."""
+    if server == "uvicorn":
+        return uvicorn_argv(app, port, deflate)
+    if server == "hypercorn":
+        # hypercorn negotiates permessage-deflate only when the client offers it (our load generators do
+        # only with --deflate on).
+        argv = [sys.executable, "-m", "hypercorn", app, "--bind", f"{HOST}:{port}", "--log-level", "warning"]
+        return pinned(SERVER_CPU, argv + ["--backlog", "4096", "--graceful-timeout", "5"])
+    if server == "granian":
+        argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", HOST, "--port", str(port)]
+        argv += ["--loop", "uvloop", "--log-level", "warning", "--backlog", "4096", "--workers", "1", app]
+        return pinned(SERVER_CPU, argv)
+    raise ValueError(f"unknown server {server!r}; choose one of {', '.join(SERVERS)}")
 
 
 def uvicorn_argv(app: str, port: int, deflate: bool, extra: list[str] | None = None) -> list[str]:

@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -93,6 +94,7 @@ class Mode:
     paired_user_requests: int = 2_000  # per per-user burst (rounded up to a multiple of the users)
     paired_handshakes: int = 1_000  # connections closed and reopened per handshake burst (at most N)
     paired_latency_events: int = 10  # paced broadcasts per latency burst (a third of it at N=10,000)
+    server: str = "uvicorn"  # the ASGI server every app runs under (--server)
 
 
 MODES = {
@@ -241,7 +243,7 @@ class Session:
             )
             if self.config.backend == "redis":
                 flush_redis(env["BENCH_BACKEND_URL"])
-        argv = _proc.uvicorn_argv(APP_MODULES[self.app], self.port, self.config.deflate)
+        argv = _proc.server_argv(self.mode.server, APP_MODULES[self.app], self.port, self.config.deflate)
         self.server = _proc.spawn(argv, _proc.child_env(env), self.log)
         await _proc.wait_http_ready(self.port, "/bench/ready", self.server, 60)
 
@@ -264,11 +266,11 @@ class Session:
 
     def server_cpu(self) -> float:
         assert self.server is not None
-        return _proc.cpu_seconds(self.server.pid)
+        return _proc.tree_cpu_seconds(self.server.pid)
 
     def server_rss(self) -> int:
         assert self.server is not None
-        return _proc.rss_bytes(self.server.pid)
+        return _proc.tree_rss_bytes(self.server.pid)
 
     # -- helpers ---------------------------------------------------------------------------------
     async def connect(self, indexes: list[list[int]], prefix: str = "u") -> tuple[float, int]:
@@ -804,8 +806,8 @@ def markdown(
     lines = [
         f"# Benchmark results: {meta['mode']}",
         "",
-        f"{meta['started']} · {meta['machine']} · Python {meta['python']} · uvicorn {meta['uvicorn']} "
-        f"(websockets-sansio) · Starlette {meta['starlette']} · repetitions: {meta['reps']} (interleaved) · "
+        f"{meta['started']} · {meta['machine']} · Python {meta['python']} · {server_label(meta)} "
+        f"· Starlette {meta['starlette']} · repetitions: {meta['reps']} (interleaved) · "
         f"server pinned to CPU {_proc.SERVER_CPU}, {meta['loadgens']} load-generator process(es) + driver on CPU "
         f"{_proc.CLIENT_CPU} · command: `{meta['command']}`",
         "",
@@ -993,7 +995,7 @@ def write_outputs(
     apps = {s["app"] for s in sessions}
     if chart_too and {"baseline", "pomo"} <= apps:
         try:
-            title = f"{stem}: {meta['started'][:10]}, medians; uvicorn {meta['uvicorn']} websockets-sansio, 2 cores"
+            title = f"{stem}: {meta['started'][:10]}, medians; {server_label(meta)}, 2 cores"
             chart(summary, out / f"{stem}.png", title, psum)
         except ImportError:
             print("matplotlib is not installed: no chart", file=sys.stderr)
@@ -1051,6 +1053,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-paired", action="store_true", help="skip the paired rounds")
     parser.add_argument(
+        "--server", choices=_proc.SERVERS, default="uvicorn", help="the ASGI server every app runs under"
+    )
+    parser.add_argument(
         "--floor",
         action=argparse.BooleanOptionalAction,
         help="add the floor app (the thinnest mounted loop) to the paired rounds (default: on, off in smoke)",
@@ -1063,8 +1068,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def server_label(meta: dict[str, Any]) -> str:
+    server = meta.get("server", "uvicorn")
+    if server == "uvicorn":
+        return f"uvicorn {meta['uvicorn']} websockets-sansio"
+    from importlib.metadata import version
+
+    return f"{server} {version(server)}"
+
+
 async def amain(args: argparse.Namespace) -> int:
-    mode = MODES[args.mode]
+    mode = dataclasses.replace(MODES[args.mode], server=args.server)
     sizes = [int(x) for x in args.n.split(",")] if args.n else mode.sizes
     reps = args.reps or mode.reps
     deflates = {"off": [False], "on": [True], "both": [False, True]}[args.deflate] if args.deflate else mode.deflate
@@ -1083,6 +1097,7 @@ async def amain(args: argparse.Namespace) -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "python": platform.python_version(),
         "uvicorn": uvicorn.__version__,
+        "server": args.server,
         "starlette": starlette.__version__,
         "reps": reps,
         "apps": apps,
