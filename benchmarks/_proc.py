@@ -149,7 +149,7 @@ def server_argv(server: str, app: str, port: int, deflate: bool) -> list[str]:
         # hypercorn negotiates permessage-deflate only when the client offers it (our load generators do
         # only with --deflate on).
         argv = [sys.executable, "-m", "hypercorn", app, "--bind", f"{HOST}:{port}", "--log-level", "warning"]
-        return pinned(SERVER_CPU, argv + ["--backlog", "4096", "--graceful-timeout", "5"])
+        return pinned(SERVER_CPU, [*argv, "--backlog", "4096", "--graceful-timeout", "5"])
     if server == "granian":
         argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", HOST, "--port", str(port)]
         argv += ["--loop", "uvloop", "--log-level", "warning", "--backlog", "4096", "--workers", "1", app]

@@ -102,8 +102,14 @@ class MetricsCollector:
         for code, count in sorted(stats.disconnects.items()):
             disconnects.add_metric([str(code)], count)
         yield disconnects
-        yield CounterMetricFamily("pomo_ws_messages_sent", "Messages handed to sockets.", stats.messages_sent)
-        yield CounterMetricFamily("pomo_ws_sent_bytes", "Bytes of messages handed to sockets.", stats.bytes_sent)
+        yield CounterMetricFamily(
+            "pomo_ws_messages_sent",
+            "Messages sent to sockets, counted once each when the server took them.",
+            stats.messages_sent,
+        )
+        yield CounterMetricFamily(
+            "pomo_ws_sent_bytes", "Bytes of UTF-8 of the messages sent to sockets.", stats.bytes_sent
+        )
         yield CounterMetricFamily("pomo_ws_slow_client_closes", "Connections closed with 1013.", stats.slow_closes)
         resumes = CounterMetricFamily("pomo_ws_resumes", "Resume attempts, by result.", labels=["result"])
         for result in ("ok", "resync"):

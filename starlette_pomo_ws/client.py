@@ -227,6 +227,8 @@ class PomoClient:
                 logger.debug("pomo-ws client: connection attempt failed: %s", type(exc).__name__)
                 reason = f"{type(exc).__name__}: {exc}"
             self.close_code, self.close_reason = code, reason
+            if 4000 <= code < 5000:  # daphne allows only 1000 and 3000-4999: 1008 arrives there as 4008
+                code -= 3000
             if self._closing or code == 1000:
                 break
             minimum = 0.0

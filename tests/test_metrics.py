@@ -69,3 +69,23 @@ def test_the_collector_joins_a_global_registry() -> None:
         assert REGISTRY.get_sample_value("pomo_ws_connections") == 0
     finally:
         REGISTRY.unregister(pomo.metrics_collector)
+
+
+def test_sent_bytes_count_utf8_bytes_once_per_delivery() -> None:
+    """A fan-out to two tabs counts the event twice, in bytes of UTF-8 (not characters)."""
+    pomo = PomoWS(make_settings(metrics=True))
+    with TestClient(make_app(pomo)) as client:
+        with (
+            client.websocket_connect(f"/ws?token={make_token('a')}") as tab1,
+            client.websocket_connect(f"/ws?token={make_token('a')}") as tab2,
+        ):
+            tab1.receive_json()
+            tab2.receive_json()
+            before = client.get("/ws/metrics").text
+            client.post("/publish", json={"user": "a", "type": "NOTE", "data": {"text": "café ☕"}})
+            texts = [tab1.receive_text(), tab2.receive_text()]
+            after = client.get("/ws/metrics").text
+    assert texts[0] == texts[1]
+    assert metric(after, "pomo_ws_messages_sent_total") - metric(before, "pomo_ws_messages_sent_total") == 2
+    sent = metric(after, "pomo_ws_sent_bytes_total") - metric(before, "pomo_ws_sent_bytes_total")
+    assert sent == 2 * len(texts[0].encode()) != 2 * len(texts[0])

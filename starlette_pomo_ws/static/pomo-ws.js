@@ -297,11 +297,13 @@ export class PomoSocket {
     let willReconnect = true;
     let refresh = false;
     let minimum = 0;
-    if (code === 1000 || code === 1009 || (code === 1008 && FATAL_REASONS.includes(reason))) {
+    // daphne lets a server close only with 1000 or 3000-4999: there 1008 arrives as 4008 (and no reason).
+    const meaning = code >= 4000 && code < 5000 ? code - 3000 : code;
+    if (meaning === 1000 || meaning === 1009 || (meaning === 1008 && FATAL_REASONS.includes(reason))) {
       willReconnect = false;
-    } else if (code === 1008 && reason === "Too many messages") {
+    } else if (meaning === 1008 && reason === "Too many messages") {
       minimum = this.options.throttledDelay;
-    } else if (code === 1008) {
+    } else if (meaning === 1008) {
       // An authentication reason (or an unknown 1008): get a fresh token, then reconnect.
       refresh = true;
       this._authFailures += 1;

@@ -160,6 +160,8 @@ def test_reconnects_with_backoff_on(page: Page, code: int) -> None:
         (1008, "Origin not allowed"),
         (1008, "Too many connections for this user"),
         (1009, "Message too big"),
+        (4000, ""),  # daphne's 1000
+        (4009, ""),  # daphne's 1009
     ],
 )
 def test_stops_on(page: Page, code: int, reason: str) -> None:
