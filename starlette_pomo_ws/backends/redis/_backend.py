@@ -1,0 +1,348 @@
+"""`RedisBackend`: publishing, history and commands; pub/sub and presence live in their own modules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
+
+from ..._events import Position
+from ..._settings import redact_url
+from ...exceptions import BackendUnavailable, ConfigurationError
+from ..base import Backend, Control, Deliver, History, Record
+from ._presence import Presence
+from ._pubsub import PubSub
+from ._scripts import load
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("starlette_pomo_ws")
+
+_T = TypeVar("_T")
+
+_BATCH = 200  # user streams per catch-up script call
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBackend(Backend):
+    """Events, history and presence in one Redis primary, for many workers and hosts.
+
+    Publishing is one Lua script: it takes the next seq of the one total order, appends to the
+    stream and publishes on the stream's channel. Pub/sub is at-most-once, so the node checks its
+    position against Redis on every heartbeat and, after any reconnect, fetches what it missed from
+    the streams before it delivers anything live; when that is impossible it asks the core to
+    resync (`control("resync", "")`).
+
+    Args:
+        url: `redis://[[user]:password@]host[:port][/db]` or `rediss://...` for TLS. Query
+            arguments go to redis-py (`?ssl_ca_certs=/path/ca.pem`).
+        client: a ready `redis.asyncio.Redis` to use instead of `url`. The backend never closes it.
+            Its own retry policy applies to publishes: give it `retry=Retry(NoBackoff(), 0)` so that a
+            publish whose answer was lost is never stored twice.
+        history_size: events kept per stream for resume (trimmed with `MAXLEN ~`, so a few more).
+        history_ttl: seconds an event stays replayable.
+        key_prefix: the prefix of every key and channel.
+        socket_timeout: seconds one Redis operation may take; a publish fails within about twice
+            this when Redis cannot be reached.
+        presence_ttl: seconds after which a crashed node's connections leave the cluster counts.
+        heartbeat_interval: seconds between checks of the pub/sub connection.
+        marker_ttl: seconds a stream's last-seq marker is kept; a client idle for less than this
+            while none of its events happened resumes cleanly. Defaults to a day.
+
+    Raises:
+        ConfigurationError: a contradictory or missing setting.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        history_size: int = 1000,
+        history_ttl: float = 120,
+        key_prefix: str = "pomo-ws:",
+        socket_timeout: float = 2.0,
+        presence_ttl: float = 30.0,
+        heartbeat_interval: float = 5.0,
+        marker_ttl: float | None = None,
+    ) -> None:
+        if client is None and not url:
+            raise ConfigurationError("RedisBackend needs a 'url' (redis://host:port/db) or a ready 'client'.")
+        if history_size < 1:
+            raise ConfigurationError(f"Setting 'history_size' must be at least 1, not {history_size!r}.")
+        if history_ttl <= 0:
+            raise ConfigurationError(f"Setting 'history_ttl' must be positive, not {history_ttl!r}.")
+        if socket_timeout <= 0 or presence_ttl <= 0 or heartbeat_interval <= 0:
+            raise ConfigurationError("RedisBackend timeouts ('socket_timeout', 'presence_ttl', ...) must be positive.")
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.key_prefix = key_prefix
+        self._socket_timeout = socket_timeout
+        self._op_timeout = 2 * socket_timeout + 0.5  # a connect plus a command
+        self._presence_ttl = presence_ttl
+        self._heartbeat_interval = heartbeat_interval
+        self._marker_ttl = max(int(marker_ttl if marker_ttl is not None else 86400), int(history_ttl) + 1)
+        self._clock_bucket = max(1, self._marker_ttl // 256)
+        self._instance = secrets.token_hex(6)
+        self._client_name = f"pomo-ws-{self._instance}"  # in CLIENT LIST, for operators (and the fault tests)
+        self._owns_client = client is None
+        if client is None:
+            assert url is not None
+            self._url = url
+            try:
+                client = aioredis.Redis.from_url(
+                    url,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_timeout,
+                    # Never resend a command after a failure: a publish must not be stored twice.
+                    retry=Retry(NoBackoff(), 0),
+                    client_name=self._client_name,
+                )
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"Setting 'backend_url' is not a usable Redis URL ({redact_url(url)!r}): {exc}; "
+                    "use 'redis://[:password@]host:port/db' or 'rediss://...'."
+                ) from exc
+        else:
+            self._url = _describe(client)
+        self._client = client
+        self._publish_script = client.register_script(load("publish"))
+        self._position_script = client.register_script(load("position"))
+        self._history_script = client.register_script(load("history"))
+        self._meta_key = f"{key_prefix}meta"
+        self._command_ok = False
+        self._control: Control | None = None
+        self._presence_task: asyncio.Task[None] | None = None
+        self._pubsub = PubSub(
+            client,
+            url=self._url,
+            name=f"{self._client_name}-sub",
+            key_prefix=key_prefix,
+            socket_timeout=socket_timeout,
+            op_timeout=self._op_timeout,
+            heartbeat_interval=heartbeat_interval,
+            position=self.position,
+            read_since=self._read_since,
+        )
+        self._presence = Presence(
+            client, key_prefix=key_prefix, ttl=presence_ttl, command=self._command, bounded=self._bounded
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisBackend(url={redact_url(self._url)!r}, history_size={self.history_size}, "
+            f"history_ttl={self.history_ttl}, key_prefix={self.key_prefix!r})"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, deliver: Deliver, control: Control) -> None:
+        """Connect, subscribe to the broadcast and control channels, and start the background tasks.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached (or refuses the credentials).
+        """
+        if self._pubsub.started:
+            return
+        self._control = control
+        await self._pubsub.start(deliver, control, instance=self._instance)
+        self._presence_task = asyncio.create_task(self._presence.refresh_forever(), name="pomo-ws redis presence")
+
+    async def stop(self) -> None:
+        """Unsubscribe, forget this node's presence, and close what the backend opened. Safe twice."""
+        self._control = None
+        task, self._presence_task = self._presence_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})  # unlike awaiting it, this lets a cancellation of stop() through
+        await self._pubsub.stop()
+        await self._presence.forget_all()
+        self._command_ok = False
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._pubsub.live and self._command_ok
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, user_id: str | None, head: str) -> Record:
+        if self._control is None:
+            raise BackendUnavailable("The Redis backend is not started; the event was not published.")
+        args = (
+            secrets.token_hex(6),
+            self.key_prefix,
+            user_id or "",
+            "0" if user_id is None else "1",
+            head,
+            self.history_size,
+            int(self.history_ttl * 1000),
+            self._marker_ttl,
+            self._clock_bucket,
+        )
+        reply = await self._command(
+            lambda: self._publish_script(keys=[self._meta_key], args=args), "publish the event", idempotent=False
+        )
+        return Record(_text(reply[0]), int(reply[1]), user_id, head)
+
+    async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
+        """Act on this node at once, then publish to the others.
+
+        Raises:
+            BackendUnavailable: the other nodes could not be reached (this one has acted).
+        """
+        control = self._control
+        if control is None:
+            raise BackendUnavailable("The Redis backend is not started.")
+        # This node acts at once, whatever happens to pub/sub; the others hear it from Redis.
+        control(kind, arguments)
+        message = json.dumps([self._instance, kind, dict(arguments)])
+        await self._command(
+            lambda: self._client.publish(self._pubsub.ctl_channel, message), "reach the other nodes", idempotent=False
+        )
+
+    # -- history ------------------------------------------------------------------------------
+
+    async def position(self) -> Position:
+        reply = await self._command(
+            lambda: self._position_script(keys=[self._meta_key], args=[secrets.token_hex(6)]), "read the position"
+        )
+        return Position(_text(reply[0]), int(reply[1]))
+
+    async def history(self, user_id: str, since: Position) -> History:
+        complete, records, position = await self._read(since, [user_id], broadcast=True, until=0)
+        return History(complete, records, position)
+
+    async def _read(
+        self, since: Position, users: Sequence[str], *, broadcast: bool, until: int
+    ) -> tuple[bool, list[Record], Position]:
+        args: list[str | int | float] = [
+            secrets.token_hex(6),
+            self.key_prefix,
+            since.epoch,
+            since.seq,
+            until,
+            int(self.history_ttl * 1000),
+            self._marker_ttl,
+            self._clock_bucket + 2,  # margin for the checkpoints' granularity and clock steps
+            "1" if broadcast else "0",
+            *users,
+        ]
+        reply = await self._command(lambda: self._history_script(keys=[self._meta_key], args=args), "read the history")
+        position = Position(_text(reply[0]), int(reply[1]))
+        if not int(reply[2]):
+            return False, [], position
+        streams: list[str | None] = [None] if broadcast else []
+        streams.extend(users)
+        records: list[Record] = []
+        runs = 0
+        for stream_user, flat in zip(streams, reply[3:], strict=True):
+            if flat:
+                runs += 1
+                records.extend(
+                    Record(position.epoch, int(flat[i]), stream_user, _text(flat[i + 1]))
+                    for i in range(0, len(flat), 2)
+                )
+        if runs > 1:
+            records.sort(key=lambda r: r.seq)  # merges sorted runs in linear time
+        return True, records, position
+
+    async def _read_since(self, since: Position, users: Sequence[str]) -> tuple[bool, list[Record], Position]:
+        """Everything after `since` on the broadcast stream and `users`' streams, for the catch-up."""
+        complete, records, position = await self._read(since, users[:_BATCH], broadcast=True, until=0)
+        # Later batches stop at the first one's position: later events arrive live.
+        for start in range(_BATCH, len(users), _BATCH):
+            if not complete:
+                break
+            more_complete, more, later = await self._read(
+                since, users[start : start + _BATCH], broadcast=False, until=position.seq
+            )
+            complete = more_complete and later.epoch == position.epoch
+            records.extend(more)
+        records.sort(key=lambda r: r.seq)
+        return complete, records, position
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe(self, user_id: str) -> None:
+        await self._pubsub.subscribe(user_id)
+
+    async def unsubscribe(self, user_id: str) -> None:
+        await self._pubsub.unsubscribe(user_id)
+
+    # -- presence -----------------------------------------------------------------------------
+
+    async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
+        """Count a connection cluster-wide and return its user's count.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached; the connection is then not counted.
+        """
+        return await self._presence.add(node_id, user_id, connection_id)
+
+    async def remove_presence(self, node_id: str, user_id: str, connection_id: str) -> None:
+        """Forget a connection. A Redis fault is not raised: the periodic refresh repairs the counts."""
+        await self._presence.remove(node_id, user_id, connection_id)
+
+    async def cluster_user_count(self, user_id: str) -> int:
+        return await self._presence.user_count(user_id)
+
+    async def cluster_total_count(self) -> int:
+        return await self._presence.total_count()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _bounded(self, operation: Awaitable[_T]) -> _T:
+        return await asyncio.wait_for(operation, self._op_timeout)
+
+    async def _command(self, operation: Callable[[], Awaitable[_T]], what: str, *, idempotent: bool = True) -> _T:
+        """Run one Redis operation within `_op_timeout`, as `BackendUnavailable` when it fails.
+
+        An idempotent operation is tried once more on a dropped connection (a pooled connection that
+        Redis closed while idle); a publish never is, so that it cannot be stored twice.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._op_timeout
+        attempts = 2 if idempotent else 1
+        while True:
+            attempts -= 1
+            try:
+                result = await asyncio.wait_for(operation(), max(0.05, deadline - loop.time()))
+            except RedisConnectionError as exc:
+                if attempts > 0 and loop.time() < deadline:
+                    continue
+                failure: BaseException = exc
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                failure = exc
+            else:
+                self._command_ok = True
+                return result
+            self._command_ok = False
+            detail = str(failure) or type(failure).__name__
+            if isinstance(failure, asyncio.TimeoutError):
+                detail = f"no answer within {self._op_timeout:.1f}s"
+            raise BackendUnavailable(f"Cannot {what}: Redis at {redact_url(self._url)} failed ({detail}).") from failure
+
+
+def _describe(client: aioredis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    scheme = "rediss" if "ssl" in client.connection_pool.connection_class.__name__.lower() else "redis"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
