@@ -171,4 +171,3 @@ async def test_stop_is_idempotent_and_publish_after_stop_raises(backend_factory:
 async def test_connected_while_running(started: Started) -> None:
     backend, _ = started
     assert backend.connected
-    assert "password" not in repr(backend)

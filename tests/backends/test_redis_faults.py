@@ -629,3 +629,17 @@ async def test_a_server_that_never_answers_fails_start_in_bounded_time() -> None
         backend = RedisBackend(f"redis://127.0.0.1:{port}/0", socket_timeout=0.2)
         with anyio.fail_after(3), pytest.raises(BackendUnavailable):
             await backend.start(Recorder().deliver, Recorder().control)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://pomo:s3cret-pw@127.0.0.1:6379/0", "rediss://:s3cret-pw@127.0.0.1:6380/1"],
+    ids=["user-and-password", "password-only"],
+)
+async def test_repr_hides_the_password(url: str) -> None:
+    backend = RedisBackend(url, socket_timeout=0.2)
+    try:
+        assert "s3cret-pw" not in repr(backend)
+        assert "127.0.0.1" in repr(backend)
+    finally:
+        await backend.stop()

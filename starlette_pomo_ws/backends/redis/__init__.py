@@ -13,7 +13,8 @@ Layout in Redis (`P` is `key_prefix`, `E` the current epoch):
 - `PE:clock` (sorted set): checkpoints `(time, seq)` that bound how far back those markers reach.
 - `Pnode:<node id>` (hash) and `Pnodes` (sorted set): presence, refreshed by each node.
 
-Channels: `Pu:<user>`, `Pall` and `Pctl`. A message is `<epoch>|<seq>|<user id length>|<user id><head>`.
+Channels: `Pu:<user>`, `Pall` and `Pctl`. A message is
+`<epoch>|<seq>|<publish time in ms>|<user id length>|<user id><head>` (length -1 for the broadcast stream).
 
 Modules: `_backend` (the `RedisBackend` facade: publishing, history, commands), `_pubsub` (the one
 pub/sub connection, its catch-up and heartbeat), `_presence` (cluster-wide connection counts), and

@@ -199,7 +199,7 @@ class RedisBackend(Backend):
         reply = await self._command(
             lambda: self._publish_script(keys=[self._meta_key], args=args), "publish the event", idempotent=False
         )
-        return Record(_text(reply[0]), int(reply[1]), user_id, head)
+        return Record(_text(reply[0]), int(reply[1]), user_id, head, int(reply[2]) / 1000)
 
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         """Act on this node at once, then publish to the others.

@@ -401,11 +401,12 @@ class PubSub:
 def parse(data: bytes) -> Record | None:
     """A `Record` from a message on a user or broadcast channel, or None when it is malformed."""
     try:
-        epoch, seq, length, rest = data.split(b"|", 3)
+        epoch, seq, stamp, length, rest = data.split(b"|", 4)
         size = int(length)
+        published_at = int(stamp) / 1000
         if size < 0:
-            return Record(epoch.decode(), int(seq), None, rest.decode())
-        return Record(epoch.decode(), int(seq), rest[:size].decode(), rest[size:].decode())
+            return Record(epoch.decode(), int(seq), None, rest.decode(), published_at)
+        return Record(epoch.decode(), int(seq), rest[:size].decode(), rest[size:].decode(), published_at)
     except (ValueError, UnicodeDecodeError):
         return None
 

@@ -1,5 +1,5 @@
 -- KEYS[1]: the metadata hash. ARGV: candidate epoch, prefix, user id, is user ('1'/'0'), head,
--- history size, history ttl (ms), marker ttl (s), clock bucket (s). Returns {epoch, seq}.
+-- history size, history ttl (ms), marker ttl (s), clock bucket (s). Returns {epoch, seq, milliseconds}.
 local prefix = ARGV[2]
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local clock = redis.call('TIME')
@@ -53,5 +53,6 @@ local prev = redis.call('GET', last) or '0'
 redis.call('XADD', stream, 'MAXLEN', '~', ARGV[6], seq .. '-0', 'h', ARGV[5], 'p', prev, 't', now_ms)
 redis.call('PEXPIRE', stream, ARGV[7])
 redis.call('SET', last, seq, 'EX', marker_ttl)
-redis.call('PUBLISH', channel, epoch .. '|' .. seq .. '|' .. ulen .. '|' .. uid .. ARGV[5])
-return {epoch, seq}
+-- The publish time rides along, for the lag metric of the nodes that deliver it.
+redis.call('PUBLISH', channel, epoch .. '|' .. seq .. '|' .. now_ms .. '|' .. ulen .. '|' .. uid .. ARGV[5])
+return {epoch, seq, now_ms}
