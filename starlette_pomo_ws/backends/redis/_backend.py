@@ -256,8 +256,8 @@ class RedisBackend(Backend):
             if flat:
                 runs += 1
                 records.extend(
-                    Record(position.epoch, int(flat[i]), stream_user, _text(flat[i + 1]))
-                    for i in range(0, len(flat), 2)
+                    Record(position.epoch, int(flat[i]), stream_user, _text(flat[i + 1]), int(flat[i + 2]) / 1000)
+                    for i in range(0, len(flat), 3)
                 )
         if runs > 1:
             records.sort(key=lambda r: r.seq)  # merges sorted runs in linear time

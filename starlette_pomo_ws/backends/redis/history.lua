@@ -1,6 +1,6 @@
 -- KEYS[1]: the metadata hash. ARGV: candidate epoch, prefix, since epoch, since seq, until seq (0: now),
 -- history ttl (ms), marker ttl (s), clock margin (s), include the broadcast stream ('1'/'0'), user ids...
--- Returns {epoch, seq, complete, {seq, head, ...} per stream (broadcast first)}.
+-- Returns {epoch, seq, complete, {seq, head, milliseconds, ...} per stream (broadcast first)}.
 local prefix = ARGV[2]
 local seq = tonumber(redis.call('HGET', meta, 'seq'))
 local since = tonumber(ARGV[4])
@@ -50,6 +50,7 @@ local function read(stream, last)
     if stamp < horizon then return nil end
     out[#out + 1] = string.sub(entry[1], 1, -3)
     out[#out + 1] = head
+    out[#out + 1] = stamp
   end
   return out
 end
