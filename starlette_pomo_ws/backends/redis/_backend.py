@@ -19,6 +19,7 @@ from ..._events import Position
 from ..._settings import redact_url
 from ...exceptions import BackendUnavailable, ConfigurationError
 from ..base import Backend, Control, Deliver, History, Record
+from ._batch import Coalescer
 from ._presence import Presence
 from ._pubsub import PubSub
 from ._scripts import load
@@ -30,6 +31,7 @@ logger = logging.getLogger("starlette_pomo_ws")
 _T = TypeVar("_T")
 
 _BATCH = 200  # user streams per catch-up script call
+_PUBLISH_BATCH = 128  # events per publish script call
 
 
 def _text(value: Any) -> str:
@@ -138,8 +140,19 @@ class RedisBackend(Backend):
             position=self.position,
             read_since=self._read_since,
         )
+        self._publishes: Coalescer[tuple[str | None, str], Record] = Coalescer(
+            self._publish_batch, what="publish the event", timeout=self._op_timeout, limit=_PUBLISH_BATCH
+        )
+        self._positions: Coalescer[None, Position] = Coalescer(
+            self._position_batch, what="read the position", timeout=self._op_timeout, limit=10_000
+        )
         self._presence = Presence(
-            client, key_prefix=key_prefix, ttl=presence_ttl, command=self._command, bounded=self._bounded
+            client,
+            key_prefix=key_prefix,
+            ttl=presence_ttl,
+            command=lambda operation, what, timeout: self._command(operation, what, timeout=timeout),
+            bounded=self._bounded,
+            timeout=self._op_timeout,
         )
 
     def __repr__(self) -> str:
@@ -170,7 +183,9 @@ class RedisBackend(Backend):
             task.cancel()
             await asyncio.wait({task})  # unlike awaiting it, this lets a cancellation of stop() through
         await self._pubsub.stop()
-        await self._presence.forget_all()
+        await self._publishes.close()
+        await self._positions.close()
+        await self._presence.stop()
         self._command_ok = False
         if self._owns_client:
             with contextlib.suppress(Exception):
@@ -185,21 +200,28 @@ class RedisBackend(Backend):
     async def publish(self, user_id: str | None, head: str) -> Record:
         if self._control is None:
             raise BackendUnavailable("The Redis backend is not started; the event was not published.")
-        args = (
+        return await self._publishes((user_id, head))
+
+    async def _publish_batch(self, events: list[tuple[str | None, str]], timeout: float) -> list[Record]:
+        """One script call stores and publishes the whole batch, in order, with consecutive seqs."""
+        args: list[str | int] = [
             secrets.token_hex(6),
             self.key_prefix,
-            user_id or "",
-            "0" if user_id is None else "1",
-            head,
             self.history_size,
             int(self.history_ttl * 1000),
             self._marker_ttl,
             self._clock_bucket,
-        )
+        ]
+        for user_id, head in events:
+            args += (user_id or "", "0" if user_id is None else "1", head)
         reply = await self._command(
-            lambda: self._publish_script(keys=[self._meta_key], args=args), "publish the event", idempotent=False
+            lambda: self._publish_script(keys=[self._meta_key], args=args),
+            "publish the event",
+            idempotent=False,
+            timeout=timeout,
         )
-        return Record(_text(reply[0]), int(reply[1]), user_id, head, int(reply[2]) / 1000)
+        epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
+        return [Record(epoch, first + i, user_id, head, published_at) for i, (user_id, head) in enumerate(events)]
 
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         """Act on this node at once, then publish to the others.
@@ -220,10 +242,16 @@ class RedisBackend(Backend):
     # -- history ------------------------------------------------------------------------------
 
     async def position(self) -> Position:
+        # Every caller waiting at once shares one read, sent after each of them asked.
+        return await self._positions(None)
+
+    async def _position_batch(self, callers: list[None], timeout: float) -> list[Position]:
         reply = await self._command(
-            lambda: self._position_script(keys=[self._meta_key], args=[secrets.token_hex(6)]), "read the position"
+            lambda: self._position_script(keys=[self._meta_key], args=[secrets.token_hex(6)]),
+            "read the position",
+            timeout=timeout,
         )
-        return Position(_text(reply[0]), int(reply[1]))
+        return [Position(_text(reply[0]), int(reply[1]))] * len(callers)
 
     async def history(self, user_id: str, since: Position) -> History:
         complete, records, position = await self._read(since, [user_id], broadcast=True, until=0)
@@ -311,14 +339,21 @@ class RedisBackend(Backend):
     async def _bounded(self, operation: Awaitable[_T]) -> _T:
         return await asyncio.wait_for(operation, self._op_timeout)
 
-    async def _command(self, operation: Callable[[], Awaitable[_T]], what: str, *, idempotent: bool = True) -> _T:
-        """Run one Redis operation within `_op_timeout`, as `BackendUnavailable` when it fails.
+    async def _command(
+        self,
+        operation: Callable[[], Awaitable[_T]],
+        what: str,
+        *,
+        idempotent: bool = True,
+        timeout: float | None = None,
+    ) -> _T:
+        """Run one Redis operation within `timeout` (default `_op_timeout`), as `BackendUnavailable` when it fails.
 
         An idempotent operation is tried once more on a dropped connection (a pooled connection that
         Redis closed while idle); a publish never is, so that it cannot be stored twice.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._op_timeout
+        deadline = loop.time() + (self._op_timeout if timeout is None else timeout)
         attempts = 2 if idempotent else 1
         while True:
             attempts -= 1

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
+from ._batch import Coalescer
 from ._scripts import load
 
 __all__ = ["Presence"]
@@ -20,8 +21,8 @@ __all__ = ["Presence"]
 logger = logging.getLogger("starlette_pomo_ws")
 
 _T = TypeVar("_T")
-# Runs one Redis operation within the backend's timeout, as BackendUnavailable when it fails.
-Command = Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]]
+# Runs one Redis operation within a number of seconds, as BackendUnavailable when it fails.
+Command = Callable[[Callable[[], Awaitable[Any]], str, float], Awaitable[Any]]
 
 
 class Presence:
@@ -35,6 +36,7 @@ class Presence:
         ttl: float,
         command: Command,
         bounded: Callable[[Awaitable[Any]], Awaitable[Any]],
+        timeout: float,
     ) -> None:
         self._client = client
         self._key_prefix = key_prefix
@@ -47,6 +49,11 @@ class Presence:
         self.local: dict[str, dict[str, set[str]]] = {}  # node id -> user id -> connection ids
         self._lock = asyncio.Lock()
         self._dirty: set[str] = set()
+        self._timeout = timeout
+        # (node id, user id, +1 for a new connection or -1 for a closed one) -> the user's cluster count, or 0
+        self._batches: Coalescer[tuple[str, str, int], int] = Coalescer(
+            self._send, what="update the connection counts", timeout=timeout, limit=1000
+        )
 
     async def add(self, node_id: str, user_id: str, connection_id: str) -> int:
         users = self.local.setdefault(node_id, {})
@@ -64,7 +71,7 @@ class Presence:
         if not self._forget_locally(node_id, user_id, connection_id):
             return
         with contextlib.suppress(BackendUnavailable):
-            await self._write(node_id, user_id)
+            await self._write_quietly(node_id, user_id)
 
     def _forget_locally(self, node_id: str, user_id: str, connection_id: str) -> bool:
         users = self.local.get(node_id)
@@ -77,28 +84,48 @@ class Presence:
         return True
 
     async def _write(self, node_id: str, user_id: str) -> int:
-        # Absolute values under a lock: a failed write is repaired by the next one or the refresh.
+        count: int = await self._batches((node_id, user_id, 1))
+        return count
+
+    async def _write_quietly(self, node_id: str, user_id: str) -> None:
+        await self._batches((node_id, user_id, -1))
+
+    async def _send(self, updates: list[tuple[str, str, int]], timeout: float) -> list[int]:
+        """One script call writes every node and user in the batch, as absolute values, and counts.
+
+        Under the lock, so a refresh never interleaves; a failed write is repaired by a later one or by
+        the refresh.
+        """
         async with self._lock:
-            users = self.local.get(node_id, {})
-            field = f"u:{user_id}"
-            args = (
-                node_id,
-                self._key_prefix,
-                int(self._ttl * 1000),
-                field,
-                len(users.get(user_id, ())),
-                sum(len(c) for c in users.values()),
-                field,
-            )
+            written: dict[str, set[str]] = {}
+            for node_id, user_id, _ in updates:
+                written.setdefault(node_id, set()).add(user_id)
+            args: list[str | int] = [self._key_prefix, int(self._ttl * 1000), len(written)]
+            for node_id, user_ids in written.items():
+                users = self.local.get(node_id, {})
+                args += (node_id, sum(len(c) for c in users.values()), len(user_ids))
+                for user_id in user_ids:
+                    args += (f"u:{user_id}", len(users.get(user_id, ())))
+            asked = sorted({user_id for _, user_id, change in updates if change > 0})
+            args += [f"u:{user_id}" for user_id in asked]
             try:
-                count = await self._command(
-                    lambda: self._script(keys=[self._nodes_key, self._node_key(node_id)], args=args),
-                    "update the connection counts",
+                counts = await self._command(
+                    lambda: self._script(keys=[self._nodes_key], args=args), "update the connection counts", timeout
                 )
             except BackendUnavailable:
-                self._dirty.add(node_id)
+                self._dirty.update(written)
                 raise
-            return int(count)
+        # The script counted every change of the batch; each addition gets the count as of its own turn,
+        # as if the batch had gone one by one: the changes after it are taken back out.
+        totals = {user_id: int(count) for user_id, count in zip(asked, counts, strict=True)}
+        answers = [0] * len(updates)
+        for index in range(len(updates) - 1, -1, -1):
+            _, user_id, change = updates[index]
+            if user_id in totals:
+                if change > 0:
+                    answers[index] = totals[user_id]
+                totals[user_id] -= change
+        return answers
 
     async def user_count(self, user_id: str) -> int:
         return await self._count(f"u:{user_id}")
@@ -107,11 +134,11 @@ class Presence:
         return await self._count("t")
 
     async def _count(self, field: str) -> int:
-        args = ("", self._key_prefix, int(self._ttl * 1000), "", 0, "", field)
-        count = await self._command(
-            lambda: self._script(keys=[self._nodes_key, self._node_key("")], args=args), "count connections"
+        args = (self._key_prefix, int(self._ttl * 1000), 0, field)
+        counts = await self._command(
+            lambda: self._script(keys=[self._nodes_key], args=args), "count connections", self._timeout
         )
-        return int(count)
+        return int(counts[0])
 
     def _node_key(self, node_id: str) -> str:
         return f"{self._key_prefix}node:{node_id}"
@@ -146,8 +173,9 @@ class Presence:
             await pipe.execute()
         self._dirty.discard(node_id)
 
-    async def forget_all(self) -> None:
+    async def stop(self) -> None:
         """Remove this process's nodes from Redis (on a graceful stop); failures are left to the TTL."""
+        await self._batches.close()
         if not self.local:
             return
         nodes: Iterable[str] = list(self.local)

@@ -79,6 +79,8 @@ class PubSub:
         self._conn: AbstractConnection | None = None
         self._write_lock = asyncio.Lock()
         self._waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self._outgoing: list[bytes] = []  # channels waiting for the next SUBSCRIBE
+        self._flusher: asyncio.Task[None] | None = None
         self.users: set[str] = set()
         self.tracked: Position | None = None  # the last (epoch, seq) this node is sure it has delivered
         self._epoch_switches = 0
@@ -140,8 +142,35 @@ class PubSub:
 
     async def _confirmed(self, conn: AbstractConnection, channel: bytes) -> None:
         # Only once Redis confirms are later events sure to arrive; history() may then be read.
-        waiters = await self._send(conn, "SUBSCRIBE", [channel])
-        await waiters[0]
+        if conn is not self._conn:
+            return  # that connection is gone: the next one subscribes every user, and catches up
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.setdefault(channel, collections.deque()).append(waiter)
+        # The subscriptions asked for in the same moment go out as one SUBSCRIBE.
+        self._outgoing.append(channel)
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush(conn), name="pomo-ws redis subscribe")
+        await waiter
+
+    async def _flush(self, conn: AbstractConnection) -> None:
+        try:
+            while self._outgoing:
+                channels = self._outgoing[:_CHANNELS_PER_SUBSCRIBE]
+                del self._outgoing[:_CHANNELS_PER_SUBSCRIBE]
+                async with self._write_lock:
+                    if conn is not self._conn:
+                        # Lost meanwhile: its end released these waiters, and the next connection
+                        # subscribes every user.
+                        self._outgoing.clear()
+                        return
+                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+        except (RedisError, OSError) as exc:
+            logger.debug("Sending SUBSCRIBE failed (%s); the reader reconnects", exc)
+            self._outgoing.clear()
+            await self._drop(conn)
+        finally:
+            self._flusher = None
 
     async def unsubscribe(self, user_id: str) -> None:
         self.users.discard(user_id)
