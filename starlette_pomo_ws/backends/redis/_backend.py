@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError, RedisError
 
 from ..._events import Position
 from ..._settings import redact_url
@@ -23,6 +24,7 @@ from ._batch import Coalescer
 from ._presence import Presence
 from ._pubsub import PubSub
 from ._scripts import load
+from ._sentinel import SCHEMES, describe, sentinel_client
 
 __all__ = ["RedisBackend"]
 
@@ -81,9 +83,17 @@ class RedisBackend(Backend):
         presence_ttl: float = 30.0,
         heartbeat_interval: float = 5.0,
         marker_ttl: float | None = None,
+        sentinel: Sentinel | None = None,
+        service_name: str = "mymaster",
+        min_replicas: int = 0,
     ) -> None:
-        if client is None and not url:
-            raise ConfigurationError("RedisBackend needs a 'url' (redis://host:port/db) or a ready 'client'.")
+        if sum(x is not None and x != "" for x in (url, client, sentinel)) != 1:
+            raise ConfigurationError(
+                "RedisBackend needs exactly one of a 'url' (redis://host:port/db or "
+                "redis+sentinel://host:26379,host:26380/mymaster/0), a ready 'client', or a 'sentinel'."
+            )
+        if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 0:
+            raise ConfigurationError(f"Setting 'redis_min_replicas' must be 0 or more, not {min_replicas!r}.")
         if history_size < 1:
             raise ConfigurationError(f"Setting 'history_size' must be at least 1, not {history_size!r}.")
         if history_ttl <= 0:
@@ -102,18 +112,31 @@ class RedisBackend(Backend):
         self._instance = secrets.token_hex(6)
         self._client_name = f"pomo-ws-{self._instance}"  # in CLIENT LIST, for operators (and the fault tests)
         self._owns_client = client is None
-        if client is None:
+        self._min_replicas = min_replicas
+        # A candidate epoch starting with '=' tells the scripts that acknowledged events are on replicas.
+        self._epoch_mark = "=" if min_replicas else ""
+        connection: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            # Never resend a command after a failure: a publish must not be stored twice.
+            "retry": Retry(NoBackoff(), 0),
+            "client_name": self._client_name,
+        }
+        if sentinel is not None:
+            client = sentinel.master_for(service_name, **connection)
+            self._url = describe(
+                [_address(s.connection_pool) for s in sentinel.sentinels],
+                service_name,
+                int(client.connection_pool.connection_kwargs.get("db", 0)),
+            )
+        elif client is None:
             assert url is not None
-            self._url = url
             try:
-                client = aioredis.Redis.from_url(
-                    url,
-                    socket_timeout=socket_timeout,
-                    socket_connect_timeout=socket_timeout,
-                    # Never resend a command after a failure: a publish must not be stored twice.
-                    retry=Retry(NoBackoff(), 0),
-                    client_name=self._client_name,
-                )
+                if url.split(":", 1)[0] in SCHEMES:
+                    client, self._url = sentinel_client(url, **connection)
+                else:
+                    self._url = url
+                    client = aioredis.Redis.from_url(url, **connection)
             except ValueError as exc:
                 raise ConfigurationError(
                     f"Setting 'backend_url' is not a usable Redis URL ({redact_url(url)!r}): {exc}; "
@@ -205,7 +228,7 @@ class RedisBackend(Backend):
     async def _publish_batch(self, events: list[tuple[str | None, str]], timeout: float) -> list[Record]:
         """One script call stores and publishes the whole batch, in order, with consecutive seqs."""
         args: list[str | int] = [
-            secrets.token_hex(6),
+            self._epoch_mark + secrets.token_hex(6),
             self.key_prefix,
             self.history_size,
             int(self.history_ttl * 1000),
@@ -214,14 +237,46 @@ class RedisBackend(Backend):
         ]
         for user_id, head in events:
             args += (user_id or "", "0" if user_id is None else "1", head)
-        reply = await self._command(
-            lambda: self._publish_script(keys=[self._meta_key], args=args),
-            "publish the event",
-            idempotent=False,
-            timeout=timeout,
-        )
+        if self._min_replicas:
+            reply = await self._command(
+                lambda: self._publish_replicated(args, timeout), "publish the event", idempotent=False, timeout=timeout
+            )
+        else:
+            reply = await self._command(
+                lambda: self._publish_script(keys=[self._meta_key], args=args),
+                "publish the event",
+                idempotent=False,
+                timeout=timeout,
+            )
         epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
         return [Record(epoch, first + i, user_id, head, published_at) for i, (user_id, head) in enumerate(events)]
+
+    async def _publish_replicated(self, args: list[str | int], timeout: float) -> Any:
+        """The publish script and `WAIT` in one pipeline: `WAIT` counts the replicas that have this connection's
+        writes, so both must go on the same connection."""
+        # WAIT's own timeout leaves room for its answer within the socket timeout.
+        wait_ms = max(1, int(min(timeout, self._socket_timeout) * 800))
+        reply, replicas = await self._publish_and_wait(args, wait_ms)
+        if isinstance(reply, NoScriptError):
+            # Not run (a restarted or promoted server has no scripts yet): load it, and send again.
+            await self._client.script_load(self._publish_script.script)
+            reply, replicas = await self._publish_and_wait(args, wait_ms)
+        for answer in (reply, replicas):
+            if isinstance(answer, Exception):
+                raise answer
+        if int(replicas) < self._min_replicas:
+            raise RedisError(
+                f"only {int(replicas)} of {self._min_replicas} replicas (redis_min_replicas) confirmed the event "
+                f"within {wait_ms} ms; it is stored on the primary and may still be delivered"
+            )
+        return reply
+
+    async def _publish_and_wait(self, args: list[str | int], wait_ms: int) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            _ = pipe.execute_command("EVALSHA", self._publish_script.sha, 1, self._meta_key, *args)
+            _ = pipe.execute_command("WAIT", self._min_replicas, wait_ms)
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return answers
 
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         """Act on this node at once, then publish to the others.
@@ -247,7 +302,7 @@ class RedisBackend(Backend):
 
     async def _position_batch(self, callers: list[None], timeout: float) -> list[Position]:
         reply = await self._command(
-            lambda: self._position_script(keys=[self._meta_key], args=[secrets.token_hex(6)]),
+            lambda: self._position_script(keys=[self._meta_key], args=[self._epoch_mark + secrets.token_hex(6)]),
             "read the position",
             timeout=timeout,
         )
@@ -261,7 +316,7 @@ class RedisBackend(Backend):
         self, since: Position, users: Sequence[str], *, broadcast: bool, until: int
     ) -> tuple[bool, list[Record], Position]:
         args: list[str | int | float] = [
-            secrets.token_hex(6),
+            self._epoch_mark + secrets.token_hex(6),
             self.key_prefix,
             since.epoch,
             since.seq,
@@ -375,8 +430,17 @@ class RedisBackend(Backend):
             raise BackendUnavailable(f"Cannot {what}: Redis at {redact_url(self._url)} failed ({detail}).") from failure
 
 
+def _address(pool: Any) -> tuple[str, int]:
+    kwargs = pool.connection_kwargs
+    return str(kwargs.get("host", "localhost")), int(kwargs.get("port", 26379))
+
+
 def _describe(client: aioredis.Redis) -> str:
-    kwargs = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        sentinels = [_address(s.connection_pool) for s in pool.sentinel_manager.sentinels]
+        return describe(sentinels, pool.service_name, int(pool.connection_kwargs.get("db", 0)))
+    kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
     scheme = "rediss" if "ssl" in client.connection_pool.connection_class.__name__.lower() else "redis"

@@ -132,26 +132,25 @@ class PubSub:
         conn = self._conn
         if conn is None:
             return  # the next connection subscribes it, and catches up from this node's position
-        try:
-            await asyncio.wait_for(self._confirmed(conn, self._user_channel + user_id.encode()), self._op_timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            # Returning unconfirmed could lose events after the caller's history read: start over instead,
-            # and the next connection catches up.
-            logger.warning("Redis pub/sub did not confirm a subscription (%s); reconnecting", str(exc) or "timeout")
-            await self._drop(conn)
-
-    async def _confirmed(self, conn: AbstractConnection, channel: bytes) -> None:
         # Only once Redis confirms are later events sure to arrive; history() may then be read.
-        if conn is not self._conn:
-            return  # that connection is gone: the next one subscribes every user, and catches up
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
+        channel = self._user_channel + user_id.encode()
         self._waiters.setdefault(channel, collections.deque()).append(waiter)
         # The subscriptions asked for in the same moment go out as one SUBSCRIBE.
         self._outgoing.append(channel)
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush(conn), name="pomo-ws redis subscribe")
-        await waiter
+        timer = loop.call_later(self._op_timeout, _expire, waiter)  # cheaper than a wait_for task per call
+        try:
+            await waiter
+        except asyncio.TimeoutError:
+            # Returning unconfirmed could lose events after the caller's history read: start over instead,
+            # and the next connection catches up.
+            logger.warning("Redis pub/sub did not confirm a subscription within %.1fs; reconnecting", self._op_timeout)
+            await self._drop(conn)
+        finally:
+            timer.cancel()
 
     async def _flush(self, conn: AbstractConnection) -> None:
         try:
@@ -442,6 +441,11 @@ def parse(data: bytes) -> Record | None:
 
 def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 def _done() -> asyncio.Future[None]:
