@@ -112,6 +112,7 @@ class RedisBackend(Backend):
         self._instance = secrets.token_hex(6)
         self._client_name = f"pomo-ws-{self._instance}"  # in CLIENT LIST, for operators (and the fault tests)
         self._owns_client = client is None
+        self._owns_sentinel = url is not None  # a Sentinel the caller passed stays theirs
         self._min_replicas = min_replicas
         # A candidate epoch starting with '=' tells the scripts that acknowledged events are on replicas.
         self._epoch_mark = "=" if min_replicas else ""
@@ -213,6 +214,11 @@ class RedisBackend(Backend):
         if self._owns_client:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
+            pool = self._client.connection_pool
+            if isinstance(pool, SentinelConnectionPool) and self._owns_sentinel:
+                for sentinel in pool.sentinel_manager.sentinels:
+                    with contextlib.suppress(Exception):
+                        await sentinel.aclose()
 
     @property
     def connected(self) -> bool:
