@@ -47,6 +47,7 @@ class Settings:
     token_expiry_warning: float = 30
     history_size: int = 1000
     history_ttl: float = 120
+    redis_min_replicas: int = 0
     send_queue_size: int = 1000
     send_timeout: float = 5
     max_connections_per_user: int = 32
@@ -62,7 +63,7 @@ class Settings:
                 raise ConfigurationError(f"Setting '{name}' must be a tuple of strings, not the string {value!r}.")
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
-        non_negative = ("jwt_leeway", "heartbeat_interval", "token_expiry_warning")
+        non_negative = ("jwt_leeway", "heartbeat_interval", "token_expiry_warning", "redis_min_replicas")
         positive = (
             "history_size",
             "history_ttl",
@@ -80,6 +81,10 @@ class Settings:
             if value < 0 or (value == 0 and name in positive):
                 bound = "zero or more" if name in non_negative else "more than zero"
                 raise ConfigurationError(f"Setting '{name}' has value {value!r}; it must be {bound}.")
+        if not isinstance(self.redis_min_replicas, int):
+            raise ConfigurationError(
+                f"Setting 'redis_min_replicas' must be a whole number, not {self.redis_min_replicas!r}."
+            )
         if not self.jwt_algorithms:
             raise ConfigurationError("Setting 'jwt_algorithms' is empty; name at least one algorithm, e.g. ('HS256',).")
         if not self.user_id_claim:
@@ -185,7 +190,7 @@ class Settings:
                         f"Setting 'allowed_origins' has {origin!r}; write origins as 'https://app.example.com' or "
                         "'https://*.example.com'. 'null' is never allowed."
                     )
-        if self.backend_url.split(":", 1)[0] not in ("memory", "redis", "rediss"):
+        if self.backend_url.split(":", 1)[0] not in ("memory", "redis", "rediss", "redis+sentinel", "rediss+sentinel"):
             raise ConfigurationError(
                 f"Setting 'backend_url' has unsupported scheme in {redact_url(self.backend_url)!r}; "
                 "use 'memory://' or 'redis://host:port/db'."

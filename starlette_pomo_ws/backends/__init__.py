@@ -27,7 +27,7 @@ def create_backend(settings: Settings) -> Backend:
     scheme = url.split(":", 1)[0]
     if scheme == "memory":
         return MemoryBackend(history_size=settings.history_size, history_ttl=settings.history_ttl)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+sentinel", "rediss+sentinel"):
         try:
             from .redis import RedisBackend
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -35,7 +35,12 @@ def create_backend(settings: Settings) -> Backend:
                 "Setting 'backend_url' names Redis, but redis-py is not installed: "
                 "pip install 'starlette-pomo-ws[redis]'."
             ) from exc
-        return RedisBackend(url, history_size=settings.history_size, history_ttl=settings.history_ttl)
+        return RedisBackend(
+            url,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            min_replicas=settings.redis_min_replicas,
+        )
     raise ConfigurationError(f"Setting 'backend_url': unsupported backend {redact_url(url)!r}.")
 
 

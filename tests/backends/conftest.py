@@ -217,6 +217,13 @@ class RedisServer:
             process.terminate()
             process.wait(10)
 
+    def kill(self) -> None:
+        """A crash: SIGKILL, no shutdown save. Only what the AOF already has on disk survives."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+
     def wipe_persistence(self) -> None:
         for path in self.directory.iterdir():
             if path.name.startswith("appendonly") or path.suffix == ".rdb":

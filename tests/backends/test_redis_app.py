@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import httpx
@@ -73,3 +75,38 @@ async def test_a_redis_outage_degrades_without_dropping_sockets_or_events(
             established = await recv(ws)
             assert established["data"]["resumed"] is True
             assert (await recv(ws))["id"] == after.id
+
+
+async def test_pubsub_lag_is_measured_on_redis(redis_url: str, key_prefix: str, redis_cleanup: None) -> None:
+    """`pomo_ws_pubsub_lag_seconds` counts every event that reached this node through Redis pub/sub."""
+    from ..test_metrics import metric
+
+    backend = RedisBackend(redis_url, key_prefix=key_prefix)
+    pomo = PomoWS(make_settings(metrics=True), backend=backend)
+    async with run_server(make_app(pomo)) as server, httpx.AsyncClient(base_url=server.http) as http:
+        async with connect(server.url(f"/ws?token={make_token('u1')}")) as ws:
+            assert (await recv(ws))["type"] == "CONNECTION_ESTABLISHED"
+            before = time.time()
+            for n in range(3):
+                await pomo.broadcaster.broadcast_to_user("u1", "TASK_CREATED", {"n": n})
+            for _ in range(3):
+                assert (await recv(ws))["type"] == "TASK_CREATED"
+            text = (await http.get("/ws/metrics")).text
+    assert metric(text, "pomo_ws_pubsub_lag_seconds_count") == 3
+    lag_sum = metric(text, "pomo_ws_pubsub_lag_seconds_sum")
+    assert 0 <= lag_sum <= 3 * (time.time() - before)  # Redis's clock and ours are the same clock here
+
+
+async def test_records_carry_the_publish_time(redis_factory: Any) -> None:
+    publisher, _ = await redis_factory()
+    subscriber, recorder = await redis_factory()
+    await subscriber.subscribe("u1")
+    before = time.time()
+    stored = await publisher.publish("u1", '{"type":"X"')
+    await recorder.wait(lambda: len(recorder.records) == 1)
+    after = time.time()
+    live = recorder.records[0]
+    assert live.seq == stored.seq
+    # Redis's TIME, in milliseconds: within the publish call's span, give or take that rounding.
+    assert before - 0.002 <= stored.published_at <= after + 0.002
+    assert live.published_at == stored.published_at

@@ -65,13 +65,13 @@ async def _equals(value: Awaitable[int], expected: int) -> bool:
 def gate_reconnects(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Hold the backend's next pub/sub connection until the returned event is set."""
     gate = asyncio.Event()
-    original = backend._session
+    original = backend._pubsub._session
 
     async def gated(ready: asyncio.Future[None]) -> None:
         await gate.wait()
         await original(ready)
 
-    monkeypatch.setattr(backend, "_session", gated)
+    monkeypatch.setattr(backend._pubsub, "_session", gated)
     return gate
 
 
@@ -96,7 +96,7 @@ async def test_client_kill_during_publishing_loses_nothing(
     caplog.set_level(logging.INFO, "starlette_pomo_ws")
     publisher, _ = await redis_factory()
     subscriber, recorder = await redis_factory()
-    subscriber._backoff_cap = 0.2
+    subscriber._pubsub._backoff_cap = 0.2
     await subscriber.subscribe("u1")
     returned: list[Record] = []
     failed = 0
@@ -123,7 +123,7 @@ async def test_client_kill_during_publishing_loses_nothing(
         tg.start_soon(publish_forever)
         for _ in range(6):
             await eventually(published(len(returned) + 40))
-            names = (subscriber._pubsub_name, subscriber._client_name, publisher._client_name)
+            names = (subscriber._pubsub.name, subscriber._client_name, publisher._client_name)
             assert await kill_clients(redis_url, *names) >= 1
             mark = len(returned) + 20
             await eventually(published(mark))
@@ -149,7 +149,7 @@ async def test_missed_events_are_fetched_after_a_reconnect(
     first = await publisher.publish("u1", head(0))
     await recorder.wait(lambda: first in recorder.records)
     gate = gate_reconnects(subscriber, monkeypatch)
-    assert await kill_clients(redis_url, subscriber._pubsub_name) == 1
+    assert await kill_clients(redis_url, subscriber._pubsub.name) == 1
     await eventually(lambda: not subscriber.connected)
     missed = [
         await publisher.publish("u1", head(1)),
@@ -172,7 +172,7 @@ async def test_history_trimmed_while_disconnected_asks_for_a_resync(
     subscriber, recorder = await redis_factory(history_size=2)
     await subscriber.subscribe("u1")
     gate = gate_reconnects(subscriber, monkeypatch)
-    assert await kill_clients(redis_url, subscriber._pubsub_name) == 1
+    assert await kill_clients(redis_url, subscriber._pubsub.name) == 1
     await eventually(lambda: not subscriber.connected)
     for n in range(250):
         await publisher.publish("u1", head(n))
@@ -195,7 +195,7 @@ async def test_data_lost_while_disconnected_asks_for_a_resync(
     old = await publisher.publish("u1", head(1))
     await recorder.wait(lambda: old in recorder.records)
     gate = gate_reconnects(subscriber, monkeypatch)
-    assert await kill_clients(redis_url, subscriber._pubsub_name) == 1
+    assert await kill_clients(redis_url, subscriber._pubsub.name) == 1
     await eventually(lambda: not subscriber.connected)
     await delete_prefix(redis_url, key_prefix)  # what a flush does to this backend's keys
     new = await publisher.publish("u1", head(2))
@@ -300,7 +300,7 @@ async def test_crashed_node_presence_expires(redis_factory: Factory) -> None:
     with anyio.fail_after(3):  # the refresh keeps a live node's entries beyond their TTL
         await anyio.sleep(1.5)
     assert await observer.cluster_user_count("u1") == 2
-    crashing._presence.clear()  # a crash: no goodbye, the entries stay until their TTL
+    crashing._presence.local.clear()  # a crash: no goodbye, the entries stay until their TTL
     await crashing.stop()
     assert await observer.cluster_user_count("u1") == 2
     await eventually(lambda: _equals(observer.cluster_user_count("u1"), 1))
@@ -378,7 +378,7 @@ async def test_a_silent_pubsub_connection_is_replaced(
     server.start()
     publisher, _ = await redis_factory(url=server.url, socket_timeout=0.3)
     subscriber, recorder = await redis_factory(url=server.url, heartbeat_interval=0.2, socket_timeout=0.3)
-    subscriber._backoff_cap = 0.2
+    subscriber._pubsub._backoff_cap = 0.2
     await subscriber.subscribe("u1")
     admin = aioredis.Redis.from_url(server.url)
     await admin.client_pause(2500, all=True)
@@ -404,7 +404,7 @@ async def test_an_unconfirmed_subscription_reconnects(
     server.start()
     publisher, _ = await redis_factory(url=server.url)
     subscriber, recorder = await redis_factory(url=server.url, socket_timeout=0.3)
-    subscriber._backoff_cap = 0.2
+    subscriber._pubsub._backoff_cap = 0.2
     admin = aioredis.Redis.from_url(server.url)
     await admin.client_pause(1500, all=True)
     await admin.aclose()
@@ -433,13 +433,13 @@ async def test_restart_with_aof_loses_nothing_and_without_persistence_resyncs(
     server.start(persist=True)
     publisher, _ = await redis_factory(url=server.url, socket_timeout=0.5)
     subscriber, recorder = await redis_factory(url=server.url, socket_timeout=0.5)
-    subscriber._backoff_cap = 0.3
+    subscriber._pubsub._backoff_cap = 0.3
     await subscriber.subscribe("u1")
     start = await publisher.position()
     returned = [await publisher.publish("u1", head(n)) for n in range(10)]
     await recorder.wait(lambda: returned[-1] in recorder.records)
 
-    server.stop()
+    server.kill()  # a crash, not a shutdown: with appendfsync always, every acknowledged event is on disk
     with anyio.fail_after(5), pytest.raises(BackendUnavailable, match=re.escape("Redis at redis://127.0.0.1")):
         await publisher.publish("u1", head(10))
     await eventually(lambda: not subscriber.connected)
@@ -534,11 +534,11 @@ async def test_heartbeat_advances_the_position_of_an_idle_node(
     for n in range(3):
         await publisher.publish("someone-else", head(n))
     now = await publisher.position()
-    await eventually(lambda: idle._tracked == now)
+    await eventually(lambda: idle._pubsub.tracked == now)
     await delete_prefix(redis_url, key_prefix)  # a flush while connected, with no event for this node
-    await eventually(lambda: idle._tracked is not None and idle._tracked.epoch != now.epoch)
+    await eventually(lambda: idle._pubsub.tracked is not None and idle._pubsub.tracked.epoch != now.epoch)
     gate = gate_reconnects(idle, monkeypatch)
-    assert await kill_clients(redis_url, idle._pubsub_name) == 1
+    assert await kill_clients(redis_url, idle._pubsub.name) == 1
     await eventually(lambda: not idle.connected)
     gate.set()
     await eventually(lambda: idle.connected)
@@ -554,7 +554,7 @@ async def test_catch_up_covers_many_users(
     for user in users:
         await subscriber.subscribe(user)
     gate = gate_reconnects(subscriber, monkeypatch)
-    assert await kill_clients(redis_url, subscriber._pubsub_name) == 1
+    assert await kill_clients(redis_url, subscriber._pubsub.name) == 1
     await eventually(lambda: not subscriber.connected)
     await subscriber.subscribe("late")  # while disconnected: returns at once, caught up later
     missed = [await publisher.publish(user, head(n)) for n, user in enumerate([*users[::50], "late", users[-1]])]
@@ -596,7 +596,7 @@ async def test_garbage_on_the_channels_and_failing_callbacks_are_survived(
     def control(kind: str, argument: str) -> None:
         raise RuntimeError("core bug")
 
-    subscriber._deliver, subscriber._control = deliver, control
+    subscriber._pubsub._deliver, subscriber._pubsub._control = deliver, control
     lost = await publisher.publish("u1", head(1))
     await publisher.send_control("disconnect_user", {"user_id": "u1"})
     kept = await publisher.publish("u1", head(2))
@@ -629,3 +629,17 @@ async def test_a_server_that_never_answers_fails_start_in_bounded_time() -> None
         backend = RedisBackend(f"redis://127.0.0.1:{port}/0", socket_timeout=0.2)
         with anyio.fail_after(3), pytest.raises(BackendUnavailable):
             await backend.start(Recorder().deliver, Recorder().control)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://pomo:s3cret-pw@127.0.0.1:6379/0", "rediss://:s3cret-pw@127.0.0.1:6380/1"],
+    ids=["user-and-password", "password-only"],
+)
+async def test_repr_hides_the_password(url: str) -> None:
+    backend = RedisBackend(url, socket_timeout=0.2)
+    try:
+        assert "s3cret-pw" not in repr(backend)
+        assert "127.0.0.1" in repr(backend)
+    finally:
+        await backend.stop()

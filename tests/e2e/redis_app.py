@@ -17,7 +17,13 @@ settings = Settings(
     max_connections_per_user=int(os.environ.get("POMO_WS_TEST_MAX_CONNECTIONS", "32")),
     backend_url=os.environ["POMO_WS_TEST_REDIS_URL"],
 )
-backend = RedisBackend(settings.backend_url, key_prefix=os.environ["POMO_WS_TEST_KEY_PREFIX"])
+backend = RedisBackend(
+    settings.backend_url,
+    key_prefix=os.environ["POMO_WS_TEST_KEY_PREFIX"],
+    # The partition tests shorten these, so that a cut shows within a second or two.
+    socket_timeout=float(os.environ.get("POMO_WS_TEST_SOCKET_TIMEOUT", "2")),
+    heartbeat_interval=float(os.environ.get("POMO_WS_TEST_HEARTBEAT", "5")),
+)
 pomo = PomoWS(settings, backend=backend)
 
 

@@ -1,0 +1,453 @@
+"""`RedisBackend`: publishing, history and commands; pub/sub and presence live in their own modules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError, RedisError
+
+from ..._events import Position
+from ..._settings import redact_url
+from ...exceptions import BackendUnavailable, ConfigurationError
+from ..base import Backend, Control, Deliver, History, Record
+from ._batch import Coalescer
+from ._presence import Presence
+from ._pubsub import PubSub
+from ._scripts import load
+from ._sentinel import SCHEMES, describe, sentinel_client
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("starlette_pomo_ws")
+
+_T = TypeVar("_T")
+
+_BATCH = 200  # user streams per catch-up script call
+_PUBLISH_BATCH = 128  # events per publish script call
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBackend(Backend):
+    """Events, history and presence in one Redis primary, for many workers and hosts.
+
+    Publishing is one Lua script: it takes the next seq of the one total order, appends to the
+    stream and publishes on the stream's channel. Pub/sub is at-most-once, so the node checks its
+    position against Redis on every heartbeat and, after any reconnect, fetches what it missed from
+    the streams before it delivers anything live; when that is impossible it asks the core to
+    resync (`control("resync", "")`).
+
+    Args:
+        url: `redis://[[user]:password@]host[:port][/db]` or `rediss://...` for TLS. Query
+            arguments go to redis-py (`?ssl_ca_certs=/path/ca.pem`).
+        client: a ready `redis.asyncio.Redis` to use instead of `url`. The backend never closes it.
+            Its own retry policy applies to publishes: give it `retry=Retry(NoBackoff(), 0)` so that a
+            publish whose answer was lost is never stored twice.
+        history_size: events kept per stream for resume (trimmed with `MAXLEN ~`, so a few more).
+        history_ttl: seconds an event stays replayable.
+        key_prefix: the prefix of every key and channel.
+        socket_timeout: seconds one Redis operation may take; a publish fails within about twice
+            this when Redis cannot be reached.
+        presence_ttl: seconds after which a crashed node's connections leave the cluster counts.
+        heartbeat_interval: seconds between checks of the pub/sub connection.
+        marker_ttl: seconds a stream's last-seq marker is kept; a client idle for less than this
+            while none of its events happened resumes cleanly. Defaults to a day.
+
+    Raises:
+        ConfigurationError: a contradictory or missing setting.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        history_size: int = 1000,
+        history_ttl: float = 120,
+        key_prefix: str = "pomo-ws:",
+        socket_timeout: float = 2.0,
+        presence_ttl: float = 30.0,
+        heartbeat_interval: float = 5.0,
+        marker_ttl: float | None = None,
+        sentinel: Sentinel | None = None,
+        service_name: str = "mymaster",
+        min_replicas: int = 0,
+    ) -> None:
+        if sum(x is not None and x != "" for x in (url, client, sentinel)) != 1:
+            raise ConfigurationError(
+                "RedisBackend needs exactly one of a 'url' (redis://host:port/db or "
+                "redis+sentinel://host:26379,host:26380/mymaster/0), a ready 'client', or a 'sentinel'."
+            )
+        if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 0:
+            raise ConfigurationError(f"Setting 'redis_min_replicas' must be 0 or more, not {min_replicas!r}.")
+        if history_size < 1:
+            raise ConfigurationError(f"Setting 'history_size' must be at least 1, not {history_size!r}.")
+        if history_ttl <= 0:
+            raise ConfigurationError(f"Setting 'history_ttl' must be positive, not {history_ttl!r}.")
+        if socket_timeout <= 0 or presence_ttl <= 0 or heartbeat_interval <= 0:
+            raise ConfigurationError("RedisBackend timeouts ('socket_timeout', 'presence_ttl', ...) must be positive.")
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.key_prefix = key_prefix
+        self._socket_timeout = socket_timeout
+        self._op_timeout = 2 * socket_timeout + 0.5  # a connect plus a command
+        self._presence_ttl = presence_ttl
+        self._heartbeat_interval = heartbeat_interval
+        self._marker_ttl = max(int(marker_ttl if marker_ttl is not None else 86400), int(history_ttl) + 1)
+        self._clock_bucket = max(1, self._marker_ttl // 256)
+        self._instance = secrets.token_hex(6)
+        self._client_name = f"pomo-ws-{self._instance}"  # in CLIENT LIST, for operators (and the fault tests)
+        self._owns_client = client is None
+        self._owns_sentinel = url is not None  # a Sentinel the caller passed stays theirs
+        self._min_replicas = min_replicas
+        # A candidate epoch starting with '=' tells the scripts that acknowledged events are on replicas.
+        self._epoch_mark = "=" if min_replicas else ""
+        connection: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            # Never resend a command after a failure: a publish must not be stored twice.
+            "retry": Retry(NoBackoff(), 0),
+            "client_name": self._client_name,
+        }
+        if sentinel is not None:
+            client = sentinel.master_for(service_name, **connection)
+            self._url = describe(
+                [_address(s.connection_pool) for s in sentinel.sentinels],
+                service_name,
+                int(client.connection_pool.connection_kwargs.get("db", 0)),
+            )
+        elif client is None:
+            assert url is not None
+            try:
+                if url.split(":", 1)[0] in SCHEMES:
+                    client, self._url = sentinel_client(url, **connection)
+                else:
+                    self._url = url
+                    client = aioredis.Redis.from_url(url, **connection)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"Setting 'backend_url' is not a usable Redis URL ({redact_url(url)!r}): {exc}; "
+                    "use 'redis://[:password@]host:port/db' or 'rediss://...'."
+                ) from exc
+        else:
+            self._url = _describe(client)
+        self._client = client
+        self._publish_script = client.register_script(load("publish"))
+        self._position_script = client.register_script(load("position"))
+        self._history_script = client.register_script(load("history"))
+        self._meta_key = f"{key_prefix}meta"
+        self._command_ok = False
+        self._control: Control | None = None
+        self._presence_task: asyncio.Task[None] | None = None
+        self._pubsub = PubSub(
+            client,
+            url=self._url,
+            name=f"{self._client_name}-sub",
+            key_prefix=key_prefix,
+            socket_timeout=socket_timeout,
+            op_timeout=self._op_timeout,
+            heartbeat_interval=heartbeat_interval,
+            position=self.position,
+            read_since=self._read_since,
+        )
+        self._publishes: Coalescer[tuple[str | None, str], Record] = Coalescer(
+            self._publish_batch, what="publish the event", timeout=self._op_timeout, limit=_PUBLISH_BATCH
+        )
+        self._positions: Coalescer[None, Position] = Coalescer(
+            self._position_batch, what="read the position", timeout=self._op_timeout, limit=10_000
+        )
+        self._presence = Presence(
+            client,
+            key_prefix=key_prefix,
+            ttl=presence_ttl,
+            command=lambda operation, what, timeout: self._command(operation, what, timeout=timeout),
+            bounded=self._bounded,
+            timeout=self._op_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisBackend(url={redact_url(self._url)!r}, history_size={self.history_size}, "
+            f"history_ttl={self.history_ttl}, key_prefix={self.key_prefix!r})"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, deliver: Deliver, control: Control) -> None:
+        """Connect, subscribe to the broadcast and control channels, and start the background tasks.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached (or refuses the credentials).
+        """
+        if self._pubsub.started:
+            return
+        self._control = control
+        await self._pubsub.start(deliver, control, instance=self._instance)
+        self._presence_task = asyncio.create_task(self._presence.refresh_forever(), name="pomo-ws redis presence")
+
+    async def stop(self) -> None:
+        """Unsubscribe, forget this node's presence, and close what the backend opened. Safe twice."""
+        self._control = None
+        task, self._presence_task = self._presence_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})  # unlike awaiting it, this lets a cancellation of stop() through
+        await self._pubsub.stop()
+        await self._publishes.close()
+        await self._positions.close()
+        await self._presence.stop()
+        self._command_ok = False
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+            pool = self._client.connection_pool
+            if isinstance(pool, SentinelConnectionPool) and self._owns_sentinel:
+                for sentinel in pool.sentinel_manager.sentinels:
+                    with contextlib.suppress(Exception):
+                        await sentinel.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._pubsub.live and self._command_ok
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, user_id: str | None, head: str) -> Record:
+        if self._control is None:
+            raise BackendUnavailable("The Redis backend is not started; the event was not published.")
+        return await self._publishes((user_id, head))
+
+    async def _publish_batch(self, events: list[tuple[str | None, str]], timeout: float) -> list[Record]:
+        """One script call stores and publishes the whole batch, in order, with consecutive seqs."""
+        args: list[str | int] = [
+            self._epoch_mark + secrets.token_hex(6),
+            self.key_prefix,
+            self.history_size,
+            int(self.history_ttl * 1000),
+            self._marker_ttl,
+            self._clock_bucket,
+        ]
+        for user_id, head in events:
+            args += (user_id or "", "0" if user_id is None else "1", head)
+        if self._min_replicas:
+            reply = await self._command(
+                lambda: self._publish_replicated(args, timeout), "publish the event", idempotent=False, timeout=timeout
+            )
+        else:
+            reply = await self._command(
+                lambda: self._publish_script(keys=[self._meta_key], args=args),
+                "publish the event",
+                idempotent=False,
+                timeout=timeout,
+            )
+        epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
+        return [Record(epoch, first + i, user_id, head, published_at) for i, (user_id, head) in enumerate(events)]
+
+    async def _publish_replicated(self, args: list[str | int], timeout: float) -> Any:
+        """The publish script and `WAIT` in one pipeline: `WAIT` counts the replicas that have this connection's
+        writes, so both must go on the same connection."""
+        # WAIT's own timeout leaves room for its answer within the socket timeout.
+        wait_ms = max(1, int(min(timeout, self._socket_timeout) * 800))
+        reply, replicas = await self._publish_and_wait(args, wait_ms)
+        if isinstance(reply, NoScriptError):
+            # Not run (a restarted or promoted server has no scripts yet): load it, and send again.
+            await self._client.script_load(self._publish_script.script)
+            reply, replicas = await self._publish_and_wait(args, wait_ms)
+        for answer in (reply, replicas):
+            if isinstance(answer, Exception):
+                raise answer
+        if int(replicas) < self._min_replicas:
+            raise RedisError(
+                f"only {int(replicas)} of {self._min_replicas} replicas (redis_min_replicas) confirmed the event "
+                f"within {wait_ms} ms; it is stored on the primary and may still be delivered"
+            )
+        return reply
+
+    async def _publish_and_wait(self, args: list[str | int], wait_ms: int) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            _ = pipe.execute_command("EVALSHA", self._publish_script.sha, 1, self._meta_key, *args)
+            _ = pipe.execute_command("WAIT", self._min_replicas, wait_ms)
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return answers
+
+    async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
+        """Act on this node at once, then publish to the others.
+
+        Raises:
+            BackendUnavailable: the other nodes could not be reached (this one has acted).
+        """
+        control = self._control
+        if control is None:
+            raise BackendUnavailable("The Redis backend is not started.")
+        # This node acts at once, whatever happens to pub/sub; the others hear it from Redis.
+        control(kind, arguments)
+        message = json.dumps([self._instance, kind, dict(arguments)])
+        await self._command(
+            lambda: self._client.publish(self._pubsub.ctl_channel, message), "reach the other nodes", idempotent=False
+        )
+
+    # -- history ------------------------------------------------------------------------------
+
+    async def position(self) -> Position:
+        # Every caller waiting at once shares one read, sent after each of them asked.
+        return await self._positions(None)
+
+    async def _position_batch(self, callers: list[None], timeout: float) -> list[Position]:
+        reply = await self._command(
+            lambda: self._position_script(keys=[self._meta_key], args=[self._epoch_mark + secrets.token_hex(6)]),
+            "read the position",
+            timeout=timeout,
+        )
+        return [Position(_text(reply[0]), int(reply[1]))] * len(callers)
+
+    async def history(self, user_id: str, since: Position) -> History:
+        complete, records, position = await self._read(since, [user_id], broadcast=True, until=0)
+        return History(complete, records, position)
+
+    async def _read(
+        self, since: Position, users: Sequence[str], *, broadcast: bool, until: int
+    ) -> tuple[bool, list[Record], Position]:
+        args: list[str | int | float] = [
+            self._epoch_mark + secrets.token_hex(6),
+            self.key_prefix,
+            since.epoch,
+            since.seq,
+            until,
+            int(self.history_ttl * 1000),
+            self._marker_ttl,
+            self._clock_bucket + 2,  # margin for the checkpoints' granularity and clock steps
+            "1" if broadcast else "0",
+            *users,
+        ]
+        reply = await self._command(lambda: self._history_script(keys=[self._meta_key], args=args), "read the history")
+        position = Position(_text(reply[0]), int(reply[1]))
+        if not int(reply[2]):
+            return False, [], position
+        streams: list[str | None] = [None] if broadcast else []
+        streams.extend(users)
+        records: list[Record] = []
+        runs = 0
+        for stream_user, flat in zip(streams, reply[3:], strict=True):
+            if flat:
+                runs += 1
+                records.extend(
+                    Record(position.epoch, int(flat[i]), stream_user, _text(flat[i + 1]), int(flat[i + 2]) / 1000)
+                    for i in range(0, len(flat), 3)
+                )
+        if runs > 1:
+            records.sort(key=lambda r: r.seq)  # merges sorted runs in linear time
+        return True, records, position
+
+    async def _read_since(self, since: Position, users: Sequence[str]) -> tuple[bool, list[Record], Position]:
+        """Everything after `since` on the broadcast stream and `users`' streams, for the catch-up."""
+        complete, records, position = await self._read(since, users[:_BATCH], broadcast=True, until=0)
+        # Later batches stop at the first one's position: later events arrive live.
+        for start in range(_BATCH, len(users), _BATCH):
+            if not complete:
+                break
+            more_complete, more, later = await self._read(
+                since, users[start : start + _BATCH], broadcast=False, until=position.seq
+            )
+            complete = more_complete and later.epoch == position.epoch
+            records.extend(more)
+        records.sort(key=lambda r: r.seq)
+        return complete, records, position
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe(self, user_id: str) -> None:
+        await self._pubsub.subscribe(user_id)
+
+    async def unsubscribe(self, user_id: str) -> None:
+        await self._pubsub.unsubscribe(user_id)
+
+    # -- presence -----------------------------------------------------------------------------
+
+    async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
+        """Count a connection cluster-wide and return its user's count.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached; the connection is then not counted.
+        """
+        return await self._presence.add(node_id, user_id, connection_id)
+
+    async def remove_presence(self, node_id: str, user_id: str, connection_id: str) -> None:
+        """Forget a connection. A Redis fault is not raised: the periodic refresh repairs the counts."""
+        await self._presence.remove(node_id, user_id, connection_id)
+
+    async def cluster_user_count(self, user_id: str) -> int:
+        return await self._presence.user_count(user_id)
+
+    async def cluster_total_count(self) -> int:
+        return await self._presence.total_count()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _bounded(self, operation: Awaitable[_T]) -> _T:
+        return await asyncio.wait_for(operation, self._op_timeout)
+
+    async def _command(
+        self,
+        operation: Callable[[], Awaitable[_T]],
+        what: str,
+        *,
+        idempotent: bool = True,
+        timeout: float | None = None,
+    ) -> _T:
+        """Run one Redis operation within `timeout` (default `_op_timeout`), as `BackendUnavailable` when it fails.
+
+        An idempotent operation is tried once more on a dropped connection (a pooled connection that
+        Redis closed while idle); a publish never is, so that it cannot be stored twice.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._op_timeout if timeout is None else timeout)
+        attempts = 2 if idempotent else 1
+        while True:
+            attempts -= 1
+            try:
+                result = await asyncio.wait_for(operation(), max(0.05, deadline - loop.time()))
+            except RedisConnectionError as exc:
+                if attempts > 0 and loop.time() < deadline:
+                    continue
+                failure: BaseException = exc
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                failure = exc
+            else:
+                self._command_ok = True
+                return result
+            self._command_ok = False
+            detail = str(failure) or type(failure).__name__
+            if isinstance(failure, asyncio.TimeoutError):
+                detail = f"no answer within {self._op_timeout:.1f}s"
+            raise BackendUnavailable(f"Cannot {what}: Redis at {redact_url(self._url)} failed ({detail}).") from failure
+
+
+def _address(pool: Any) -> tuple[str, int]:
+    kwargs = pool.connection_kwargs
+    return str(kwargs.get("host", "localhost")), int(kwargs.get("port", 26379))
+
+
+def _describe(client: aioredis.Redis) -> str:
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        sentinels = [_address(s.connection_pool) for s in pool.sentinel_manager.sentinels]
+        return describe(sentinels, pool.service_name, int(pool.connection_kwargs.get("db", 0)))
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    scheme = "rediss" if "ssl" in client.connection_pool.connection_class.__name__.lower() else "redis"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

@@ -1,0 +1,454 @@
+"""The one pub/sub connection of a node: subscriptions, the catch-up after a reconnect, and the heartbeat.
+
+Pub/sub is at-most-once, so the session checks its position against Redis on every heartbeat and,
+after any reconnect, fetches what it missed from the streams before it delivers anything live; when
+that is impossible it asks the core to resync (`control("resync", {})`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..._events import Position
+from ..._settings import redact_url
+from ...exceptions import BackendUnavailable
+from ..base import Control, Deliver, Record
+
+__all__ = ["PubSub", "parse"]
+
+logger = logging.getLogger("starlette_pomo_ws")
+
+_CHANNELS_PER_SUBSCRIBE = 500
+
+# (since, users) -> (complete, records in seq order, position)
+ReadSince = Callable[[Position, Sequence[str]], Awaitable[tuple[bool, list[Record], Position]]]
+
+
+class PubSub:
+    """Owns the pub/sub connection: a runner task reconnects it with backoff, and every reconnect
+    resubscribes and catches up from `tracked`, the last position this node is sure it delivered."""
+
+    _backoff_base = 0.05
+    _backoff_cap = 5.0
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        url: str,
+        name: str,
+        key_prefix: str,
+        socket_timeout: float,
+        op_timeout: float,
+        heartbeat_interval: float,
+        position: Callable[[], Awaitable[Position]],
+        read_since: ReadSince,
+    ) -> None:
+        self._client = client
+        self._url = url
+        self.name = name  # the CLIENT SETNAME of the connection, for operators (and the fault tests)
+        self._socket_timeout = socket_timeout
+        self._op_timeout = op_timeout
+        self._heartbeat_interval = heartbeat_interval
+        self._position = position
+        self._read_since = read_since
+        self.ctl_channel = f"{key_prefix}ctl".encode()
+        self._all_channel = f"{key_prefix}all".encode()
+        self._user_channel = f"{key_prefix}u:".encode()
+
+        self._deliver: Deliver | None = None
+        self._control: Control | None = None
+        self._instance = ""
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+        self._conn: AbstractConnection | None = None
+        self._write_lock = asyncio.Lock()
+        self._waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self._outgoing: list[bytes] = []  # channels waiting for the next SUBSCRIBE
+        self._flusher: asyncio.Task[None] | None = None
+        self.users: set[str] = set()
+        self.tracked: Position | None = None  # the last (epoch, seq) this node is sure it has delivered
+        self._epoch_switches = 0
+        self._barriers: dict[bytes, tuple[Position | None, int]] = {}
+        self._ping_ids = itertools.count(1)
+        self._last_heard = 0.0
+        self.live = False
+        self._was_live = False
+
+    async def start(self, deliver: Deliver, control: Control, *, instance: str) -> None:
+        """Connect and subscribe; return once live events flow.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached within the start timeout.
+        """
+        self._deliver = deliver
+        self._control = control
+        self._instance = instance
+        self._stopping = False
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.create_task(self._run(ready), name="pomo-ws redis pub/sub")
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), self._op_timeout * 2)
+        except BaseException as exc:
+            await self.stop()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise BackendUnavailable(
+                    f"Redis at {redact_url(self._url)} did not answer within {self._op_timeout * 2:.1f}s."
+                ) from exc
+            raise
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
+    async def stop(self) -> None:
+        self._stopping = True
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            await asyncio.wait({runner})  # unlike awaiting it, this lets a cancellation of stop() through
+        self._deliver = None
+        self._control = None
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe(self, user_id: str) -> None:
+        self.users.add(user_id)
+        conn = self._conn
+        if conn is None:
+            return  # the next connection subscribes it, and catches up from this node's position
+        # Only once Redis confirms are later events sure to arrive; history() may then be read.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        channel = self._user_channel + user_id.encode()
+        self._waiters.setdefault(channel, collections.deque()).append(waiter)
+        # The subscriptions asked for in the same moment go out as one SUBSCRIBE.
+        self._outgoing.append(channel)
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush(conn), name="pomo-ws redis subscribe")
+        timer = loop.call_later(self._op_timeout, _expire, waiter)  # cheaper than a wait_for task per call
+        try:
+            await waiter
+        except asyncio.TimeoutError:
+            # Returning unconfirmed could lose events after the caller's history read: start over instead,
+            # and the next connection catches up.
+            logger.warning("Redis pub/sub did not confirm a subscription within %.1fs; reconnecting", self._op_timeout)
+            await self._drop(conn)
+        finally:
+            timer.cancel()
+
+    async def _flush(self, conn: AbstractConnection) -> None:
+        try:
+            while self._outgoing:
+                channels = self._outgoing[:_CHANNELS_PER_SUBSCRIBE]
+                del self._outgoing[:_CHANNELS_PER_SUBSCRIBE]
+                async with self._write_lock:
+                    if conn is not self._conn:
+                        # Lost meanwhile: its end released these waiters, and the next connection
+                        # subscribes every user.
+                        self._outgoing.clear()
+                        return
+                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+        except (RedisError, OSError) as exc:
+            logger.debug("Sending SUBSCRIBE failed (%s); the reader reconnects", exc)
+            self._outgoing.clear()
+            await self._drop(conn)
+        finally:
+            self._flusher = None
+
+    async def unsubscribe(self, user_id: str) -> None:
+        self.users.discard(user_id)
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._send(conn, "UNSUBSCRIBE", [self._user_channel + user_id.encode()], wait=False)
+
+    async def _send(
+        self, conn: AbstractConnection, command: str, args: Sequence[bytes], *, wait: bool = True
+    ) -> list[asyncio.Future[None]]:
+        waiters: list[asyncio.Future[None]] = []
+        async with self._write_lock:
+            if conn is not self._conn:
+                return [_done()]
+            if wait:
+                loop = asyncio.get_running_loop()
+                for channel in args:
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    self._waiters.setdefault(channel, collections.deque()).append(waiter)
+                    waiters.append(waiter)
+            await conn.send_command(command, *args, check_health=False)
+        return waiters
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        if conn is self._conn:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+    # -- the connection -----------------------------------------------------------------------
+
+    async def _run(self, ready: asyncio.Future[None]) -> None:
+        attempt = 0
+        while not self._stopping:
+            started = time.monotonic()
+            self._was_live = False
+            try:
+                await self._session(ready)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not ready.done():
+                    ready.set_exception(
+                        BackendUnavailable(f"Cannot connect to Redis at {redact_url(self._url)}: {exc}")
+                    )
+                    return
+                if self._is_stopping():
+                    return
+                # One warning when a working connection is lost; the failed attempts after it at debug level.
+                log = logger.warning if self._was_live else logger.debug
+                log(
+                    "Redis pub/sub connection to %s lost (%s: %s); open sockets stay up, reconnecting",
+                    redact_url(self._url),
+                    type(exc).__name__,
+                    str(exc) or "timed out",
+                )
+            if time.monotonic() - started > self._backoff_cap:
+                attempt = 0  # that session lived: start the backoff again
+            delay = random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _is_stopping(self) -> bool:
+        return self._stopping  # a method, since stop() flips the flag while _run() awaits
+
+    def _connection(self) -> AbstractConnection:
+        pool = self._client.connection_pool
+        # Maintenance notifications need RESP3, and this connection speaks RESP2 pub/sub.
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if "maint_notifications" not in k}
+        kwargs.update(
+            # Our own reads wait for messages; the heartbeat bounds them.
+            socket_timeout=None,
+            socket_connect_timeout=self._socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            protocol=2,
+            decode_responses=False,
+            client_name=self.name,
+        )
+        connection: AbstractConnection = pool.connection_class(**kwargs)
+        return connection
+
+    async def _session(self, ready: asyncio.Future[None]) -> None:
+        conn = self._connection()
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            await asyncio.wait_for(conn.connect(), self._op_timeout)  # type: ignore[no-untyped-call]
+            self._last_heard = time.monotonic()
+            # From here on subscribe() sends its own SUBSCRIBE, so no user can fall between the two.
+            self._conn = conn
+            channels = [self.ctl_channel, self._all_channel]
+            channels.extend(self._user_channel + user.encode() for user in list(self.users))
+            pending: list[asyncio.Future[None]] = []
+            for start in range(0, len(channels), _CHANNELS_PER_SUBSCRIBE):
+                pending += await self._send(conn, "SUBSCRIBE", channels[start : start + _CHANNELS_PER_SUBSCRIBE])
+            buffered: list[Record] = []
+            deadline = time.monotonic() + self._op_timeout
+            while not all(w.done() for w in pending):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("Redis did not confirm the subscriptions")
+                message = await conn.read_response(timeout=remaining)
+                if message is not None:
+                    self._handle(message, buffered)
+            await self._catch_up(buffered)
+            self.live = self._was_live = True
+            if not ready.done():
+                ready.set_result(None)
+            else:
+                logger.info("Redis pub/sub connection to %s restored", redact_url(self._url))
+            heartbeat = asyncio.create_task(self._heartbeat(conn), name="pomo-ws redis heartbeat")
+            silence = 2 * self._heartbeat_interval + self._op_timeout
+            while True:
+                message = await conn.read_response(timeout=self._heartbeat_interval)
+                if message is not None:
+                    self._handle(message, None)
+                elif time.monotonic() - self._last_heard > silence:
+                    raise TimeoutError(f"no answer from Redis pub/sub for {silence:.1f}s")
+        finally:
+            self.live = False
+            if self._conn is conn:
+                self._conn = None
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await heartbeat
+            for waiters in self._waiters.values():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)  # the next connection resubscribes and catches up
+            self._waiters.clear()
+            self._barriers.clear()
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+    async def _catch_up(self, buffered: list[Record]) -> None:
+        tracked = self.tracked
+        if tracked is None:
+            self.tracked = await self._position()
+        else:
+            complete, records, position = await self._read_since(tracked, list(self.users))
+            if position.epoch != tracked.epoch or not complete:
+                logger.warning(
+                    "Events published while Redis pub/sub was down can no longer be fetched (%s); "
+                    "resyncing local connections",
+                    "Redis lost its data" if position.epoch != tracked.epoch else "history trimmed",
+                )
+                self.tracked = position
+                self._signal("resync", {})
+            else:
+                if records:
+                    logger.info("Redis pub/sub caught up %d missed events", len(records))
+                for record in records:
+                    if record.seq > tracked.seq:
+                        self._emit(record)
+                self.tracked = position
+        for record in buffered:
+            self._accept(record)
+
+    async def _heartbeat(self, conn: AbstractConnection) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            barrier: Position | None = None
+            try:
+                barrier = await self._position()
+            except BackendUnavailable as exc:
+                logger.debug("Redis heartbeat could not read the position: %s", exc)
+            token = str(next(self._ping_ids)).encode()
+            self._barriers[token] = (barrier, self._epoch_switches)
+            try:
+                await self._send(conn, "PING", [token], wait=False)
+            except (RedisError, OSError):
+                return  # the reader notices
+
+    # -- what arrives -------------------------------------------------------------------------
+
+    def _handle(self, message: Any, buffered: list[Record] | None) -> None:
+        self._last_heard = time.monotonic()
+        if not isinstance(message, list) or not message:
+            return
+        kind = message[0]
+        if kind == b"message":
+            channel, data = message[1], _bytes(message[2])
+            if channel == self.ctl_channel:
+                self._on_control(data)
+                return
+            record = parse(data)
+            if record is None:
+                logger.warning("Ignored a malformed message on Redis channel %r", channel)
+            elif buffered is not None:
+                buffered.append(record)
+            else:
+                self._accept(record)
+        elif kind == b"subscribe":
+            waiters = self._waiters.get(message[1])
+            if waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                if not waiters:
+                    del self._waiters[message[1]]
+        elif kind == b"pong" and len(message) > 1:
+            barrier, switches = self._barriers.pop(_bytes(message[1]), (None, 0))
+            tracked = self.tracked
+            if barrier is None or tracked is None or buffered is not None:
+                return
+            # Every event published before the barrier was read reached this connection before the pong.
+            if barrier.epoch == tracked.epoch:
+                if barrier.seq > tracked.seq:
+                    self.tracked = barrier
+            elif switches == self._epoch_switches:
+                self.tracked = barrier  # a new epoch began with no event for this node yet
+
+    def _accept(self, record: Record) -> None:
+        tracked = self.tracked
+        assert tracked is not None
+        if record.epoch != tracked.epoch:
+            # Redis lost or flushed its data while this connection stayed up: nothing was missed here,
+            # and old cursors get RESYNC_REQUIRED from history().
+            self._epoch_switches += 1
+        elif record.seq <= tracked.seq:
+            return  # already delivered (fetched while catching up)
+        self.tracked = Position(record.epoch, record.seq)
+        self._emit(record)
+
+    def _emit(self, record: Record) -> None:
+        deliver = self._deliver
+        if deliver is None:
+            return
+        try:
+            deliver(record)
+        except Exception:
+            logger.exception("Delivering an event from Redis failed")
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            origin, kind, arguments = json.loads(data)
+        except (ValueError, TypeError):
+            logger.warning("Ignored a malformed control message from Redis")
+            return
+        if not isinstance(arguments, dict):
+            logger.warning("Ignored a malformed control message from Redis")
+            return
+        if origin != self._instance:
+            self._signal(str(kind), arguments)
+
+    def _signal(self, kind: str, arguments: Mapping[str, Any]) -> None:
+        control = self._control
+        if control is None:
+            return
+        try:
+            control(kind, arguments)
+        except Exception:
+            logger.exception("Handling the control message %r failed", kind)
+
+
+def parse(data: bytes) -> Record | None:
+    """A `Record` from a message on a user or broadcast channel, or None when it is malformed."""
+    try:
+        epoch, seq, stamp, length, rest = data.split(b"|", 4)
+        size = int(length)
+        published_at = int(stamp) / 1000
+        if size < 0:
+            return Record(epoch.decode(), int(seq), None, rest.decode(), published_at)
+        return Record(epoch.decode(), int(seq), rest[:size].decode(), rest[size:].decode(), published_at)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
+
+
+def _done() -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future

@@ -1,0 +1,135 @@
+"""Coalesced round trips: what many handlers ask of Redis in the same moment goes as one script call or command,
+with no timer, in order per stream, and every call still bounded by its timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from starlette_pomo_ws.exceptions import BackendUnavailable
+
+from .conftest import Recorder, RedisServer
+
+redis = pytest.importorskip("redis")
+import redis.asyncio as aioredis  # noqa: E402  # after the skip: redis is an optional extra
+
+from starlette_pomo_ws.backends.redis import RedisBackend  # noqa: E402
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+def head(n: int) -> str:
+    return f'{{"type":"E","userId":null,"data":{n},"timestamp":"2025-01-06T12:00:00.000Z"'
+
+
+async def calls(url: str, *commands: str) -> int:
+    """How many times Redis ran these commands so far (`INFO commandstats`)."""
+    admin = aioredis.Redis.from_url(url)
+    try:
+        stats = await admin.info("commandstats")
+    finally:
+        await admin.aclose()
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in commands)
+
+
+@pytest.fixture
+async def private(redis_server_factory: Callable[..., RedisServer], anyio_backend: str) -> Any:
+    """A Redis of this test's own, so that its command counts are this test's alone."""
+    server = redis_server_factory()
+    server.start()
+    started: list[RedisBackend] = []
+
+    async def make(**options: Any) -> tuple[RedisBackend, Recorder]:
+        backend = RedisBackend(server.url, **options)
+        recorder = Recorder()
+        await backend.start(recorder.deliver, recorder.control)
+        started.append(backend)
+        return backend, recorder
+
+    yield server, make
+    for backend in started:
+        await backend.stop()
+
+
+async def test_concurrent_publishes_share_script_calls_and_keep_each_streams_order(private: Any) -> None:
+    server, make = private
+    publisher, _ = await make()
+    subscriber, recorder = await make()
+    for user in ("u1", "u2"):
+        await subscriber.subscribe(user)
+    before = await calls(server.url, "evalsha", "eval")
+    # 300 handlers publish in the same moment, to two users and to everyone.
+    targets = [("u1", "u2", None)[n % 3] for n in range(300)]
+    records = await asyncio.gather(*(publisher.publish(user, head(n)) for n, user in enumerate(targets)))
+    scripts = await calls(server.url, "evalsha", "eval") - before
+    assert scripts <= 10, f"300 publishes took {scripts} script calls"
+    assert sorted(r.seq for r in records) == list(range(records[0].seq, records[0].seq + 300))
+    await recorder.wait(lambda: len(recorder.records) == 300)
+    for stream in ("u1", "u2", None):
+        mine = [r for r in recorder.records if r.user_id == stream]
+        # Delivered in the order the handlers called, with increasing seqs.
+        assert [r.head for r in mine] == [head(n) for n, t in enumerate(targets) if t == stream]
+        assert [r.seq for r in mine] == sorted(r.seq for r in mine)
+    assert recorder.records == sorted(records, key=lambda r: r.seq)
+
+
+async def test_concurrent_handshakes_share_round_trips(private: Any) -> None:
+    """What a handshake asks (presence, a subscription, the position) is coalesced across handshakes."""
+    server, make = private
+    node, recorder = await make()
+    before = await calls(server.url, "evalsha", "eval", "subscribe")
+
+    async def handshake(n: int) -> int:
+        count: int = await node.add_presence("node-a", f"user{n % 100}", f"c{n}")
+        await node.subscribe(f"user{n % 100}")
+        await node.position()
+        return count
+
+    counts = await asyncio.gather(*(handshake(n) for n in range(300)))
+    trips = await calls(server.url, "evalsha", "eval", "subscribe") - before
+    assert trips <= 20, f"300 handshakes took {trips} round trips"
+    # Each user's three connections were counted 1, 2, 3 in their order.
+    for user in range(100):
+        assert [counts[n] for n in range(user, 300, 100)] == [1, 2, 3]
+    assert await node.cluster_total_count() == 300
+    assert await node.cluster_user_count("user7") == 3
+    # The subscriptions are live: an event for the last user arrives.
+    record = await node.publish("user99", head(1))
+    await recorder.wait(lambda: record in recorder.records)
+
+
+async def test_calls_behind_a_hung_round_trip_fail_within_their_own_timeout(private: Any) -> None:
+    server, make = private
+    backend, _ = await make(socket_timeout=0.3)
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)  # Redis hangs: connections stay open, nothing answers
+    try:
+        started = time.monotonic()
+        first = asyncio.ensure_future(backend.publish("u1", head(1)))
+        await asyncio.sleep(0.3)  # the first call is in flight: the next ones wait behind it
+        late = time.monotonic()
+        behind = [asyncio.ensure_future(backend.publish("u1", head(n))) for n in range(2, 5)]
+        with anyio.fail_after(5):
+            results = await asyncio.gather(first, *behind, return_exceptions=True)
+        finished = time.monotonic()
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert all(isinstance(r, BackendUnavailable) for r in results), results
+    limit = backend._op_timeout + 0.5
+    assert finished - started <= limit
+    assert finished - late <= limit
+    # Redis answers again: publishing works without a restart of the backend.
+    with anyio.fail_after(5):
+        while True:
+            try:
+                await backend.publish("u1", head(9))
+                break
+            except BackendUnavailable:
+                await anyio.sleep(0.05)
