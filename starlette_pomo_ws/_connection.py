@@ -243,7 +243,7 @@ class Connection:
         """The transport failed under a send: the peer is gone. Release it without a close frame."""
         if self.mode == CLOSED:
             return
-        logger.debug("Send failed on connection %s (user %s): %r", self.id, self.user_id, exc)
+        logger.debug("Send failed on connection %s (user %r): %r", self.id, self.user_id, exc)
         self.release()
         self._wake_reader()
 
@@ -256,9 +256,9 @@ class Connection:
         self.close_reason = reason
         if code == 1013:
             self._broadcaster.stats.slow_closes += 1
-            logger.warning("Closing connection %s (user %s): client too slow", self.id, self.user_id)
+            logger.warning("Closing connection %s (user %r): client too slow", self.id, self.user_id)
         else:
-            logger.info("Closing connection %s (user %s) with %d: %s", self.id, self.user_id, code, reason)
+            logger.info("Closing connection %s (user %r) with %d: %s", self.id, self.user_id, code, reason)
         self.release()
         if not self.accepted:
             return  # still in the handshake: the handler sends this close once it has accepted

@@ -589,8 +589,11 @@ async def test_rs256_rejects_an_hs256_token_signed_with_the_public_key() -> None
             await control.ping_pong()
 
 
+_ID_TEXT = st.text(st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40)
+
+
 @fuzz_settings
-@given(user=st.integers(min_value=-(2**63), max_value=2**63) | st.text(min_size=1, max_size=40))
+@given(user=st.integers(min_value=-(2**63), max_value=2**63) | _ID_TEXT)
 async def test_any_string_or_integer_user_claim_becomes_a_string_user_id(user: int | str) -> None:
     async with started() as pomo, FakeSocket(pomo, query=token_query(make_token(user))) as ws:
         hello = await ws.established()
@@ -598,3 +601,22 @@ async def test_any_string_or_integer_user_claim_becomes_a_string_user_id(user: i
         assert pomo.broadcaster.user_connection_count(str(user)) == 1
         event = await pomo.broadcaster.broadcast_to_user(str(user), "TASK_CREATED", None)
         assert (await ws.json())["id"] == event.id
+
+
+@fuzz_settings
+@given(
+    user=st.builds(
+        lambda head, bad, tail: head + bad + tail,
+        _ID_TEXT | st.just(""),
+        st.characters(include_characters="\x00\n\r\x1b\x7f\u2028\u2029\ud800\udfff", categories=()),
+        _ID_TEXT | st.just(""),
+    )
+    | st.text(min_size=257, max_size=300)
+    | st.just("")
+)
+async def test_user_ids_with_controls_or_surrogates_or_too_long_are_refused(user: str) -> None:
+    """Ids reach log lines and Redis keys: no control characters, no lone surrogates, 1 to 256 characters."""
+    token = jwt.encode({"userId": user, "exp": int(time.time() + 60)}, SECRET, algorithm="HS256")
+    async with started() as pomo, FakeSocket(pomo, query=token_query(token)) as ws:
+        assert await ws.refusal() == (1008, INVALID)
+        assert pomo.broadcaster.total_connection_count() == 0
