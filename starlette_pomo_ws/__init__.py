@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._app import OnMessage, PomoWS
-from ._auth import Authenticate, Principal
+from ._auth import Authenticate, JWTAuthenticator, Principal
 from ._broadcaster import Broadcaster
 from ._connection import Connection
 from ._events import Event, EventType, Position
@@ -22,6 +22,7 @@ __all__ = [
     "Connection",
     "Event",
     "EventType",
+    "JWTAuthenticator",
     "NotStartedError",
     "OnMessage",
     "PomoWS",

@@ -18,8 +18,10 @@ from ._auth import (
     Authenticate,
     JWTAuthenticator,
     Principal,
+    RefusalLog,
     origin_allowed,
     raw_header,
+    user_id_problem,
 )
 from ._broadcaster import _NOT_STARTED, Broadcaster, fit_reason
 from ._connection import Connection
@@ -84,6 +86,7 @@ class PomoWS:
         self._starts = 0
         self._metrics_collector: MetricsCollector | None = None
         self._metrics_registry: Any = None
+        self._refusals = RefusalLog()
 
     def __repr__(self) -> str:
         return f"PomoWS(settings={self.settings!r}, backend={self.broadcaster.backend!r})"
@@ -186,6 +189,9 @@ class PomoWS:
         path = _route_path(scope)
         if path in ("/health", "/health/"):
             status, body = self.broadcaster.health()
+            if not self.settings.health_details:  # a public health check need not show how busy the node is
+                body.pop("connections", None)
+                body.pop("users", None)
             if not self.broadcaster.running:
                 body["error"] = "pomo.lifespan is not wired; see the Lifespan composition docs"
             response: Response = JSONResponse(body, status_code=status, headers={"cache-control": "no-store"})
@@ -231,7 +237,7 @@ class PomoWS:
         connection_info = HTTPConnection(scope)
         origin = raw_header(scope, b"origin")
         if not origin_allowed(origin, settings.allowed_origins, cookie_auth=_uses_cookie(connection_info, settings)):
-            logger.info("Refused a WebSocket from origin %r", origin)
+            self._refusals.refused("origin", "Origin not allowed", f"origin {origin!r}", scope.get("client"))
             broadcaster.stats.rejected["origin"] += 1
             await _refuse(send, subprotocol, 1008, "Origin not allowed")
             return
@@ -240,8 +246,10 @@ class PomoWS:
             principal = await self._authenticate(connection_info)
             if not isinstance(principal, Principal):
                 raise TypeError(f"authenticate returned {type(principal).__name__}, not a Principal")
+            if problem := user_id_problem(principal.user_id):
+                raise AuthenticationError(detail=f"authenticate returned an unusable user id: {problem}")
         except AuthenticationError as exc:
-            logger.info("Refused a WebSocket: %s", exc.reason)
+            self._refusals.refused("auth", exc.reason or NO_TOKEN, exc.detail, scope.get("client"))
             broadcaster.stats.rejected["auth"] += 1
             await _refuse(send, subprotocol, 1008, exc.reason or NO_TOKEN)
             return
@@ -254,12 +262,14 @@ class PomoWS:
         try:
             admitted = await broadcaster.admit(connection)
         except Exception:
-            logger.exception("Could not admit a connection for user %s", principal.user_id)
+            logger.exception("Could not admit a connection for user %r", principal.user_id)
             broadcaster.stats.rejected["error"] += 1
             await _refuse(send, subprotocol, 1011, "Internal error")
             return
         if not admitted:
-            logger.info("Refused connection for user %s: too many connections", principal.user_id)
+            self._refusals.refused(
+                "limit", "Too many connections for this user", f"user {principal.user_id!r}", scope.get("client")
+            )
             broadcaster.stats.rejected["limit"] += 1
             await _refuse(send, subprotocol, 1008, "Too many connections for this user")
             return
@@ -267,7 +277,7 @@ class PomoWS:
             await send({"type": "websocket.accept", "subprotocol": subprotocol})
             broadcaster.stats.accepted += 1
             await connection.accepted()
-            logger.info("WebSocket connected: user %s, connection %s", connection.user_id, connection.id)
+            logger.info("WebSocket connected: user %r, connection %s", connection.user_id, connection.id)
             try:
                 last_event_id = connection_info.query_params.get("last_event_id")
                 await broadcaster.establish(connection, last_event_id)
@@ -277,7 +287,7 @@ class PomoWS:
             await self._read(connection, receive)
         finally:
             connection.release()
-            logger.info("WebSocket disconnected: user %s, connection %s", connection.user_id, connection.id)
+            logger.info("WebSocket disconnected: user %r, connection %s", connection.user_id, connection.id)
 
     async def _read(self, connection: Connection, receive: Receive) -> None:
         max_size = self.settings.max_message_size
@@ -343,7 +353,7 @@ class PomoWS:
             try:
                 await self.on_message(connection, payload)
             except Exception:
-                logger.exception("on_message failed for connection %s (user %s)", connection.id, connection.user_id)
+                logger.exception("on_message failed for connection %s (user %r)", connection.id, connection.user_id)
                 _error(connection, "handler_error", "The server could not handle this message.")
         else:
             _error(connection, "unknown_type", f"Unknown message type {type_[:64]!r}.")
@@ -373,7 +383,7 @@ class PomoWS:
             _error(connection, "invalid_token", "Invalid authentication token")
             return
         if principal.user_id != connection.user_id:
-            logger.warning("Connection %s (user %s) sent a token for another user", connection.id, connection.user_id)
+            logger.warning("Connection %s (user %r) sent a token for another user", connection.id, connection.user_id)
             connection.abort(1008, OTHER_USER)
             return
         connection.principal = principal

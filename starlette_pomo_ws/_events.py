@@ -171,7 +171,9 @@ class CursorSigner:
 
     def _sig(self, epoch: str, seq: int, user_id: str) -> str:
         # Keyed BLAKE2b is a MAC in its own right, and about twice as fast as HMAC-SHA256.
-        mac = hashlib.blake2b(f"{epoch}:{seq}:{user_id}".encode(), key=self._key, digest_size=15).digest()
+        # Length-prefixed fields: ("x", 1, "2:bob") and ("x:1", 2, "bob") must not sign the same text.
+        text = f"{len(epoch)}:{epoch}{seq:x}:{len(user_id)}:{user_id}"
+        mac = hashlib.blake2b(text.encode(), key=self._key, digest_size=15).digest()
         return base64.urlsafe_b64encode(mac).decode()
 
     def sign(self, epoch: str, seq: int, user_id: str | None) -> str:

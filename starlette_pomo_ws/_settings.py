@@ -6,6 +6,7 @@ import hmac
 import os
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ _PUBLIC_KEY_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA"}
 )
 _MIN_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+_MIN_CURSOR_SECRET_BYTES = 32
 _SECRET_FIELDS = frozenset({"jwt_secret", "cursor_secret"})
 
 
@@ -55,6 +57,7 @@ class Settings:
     client_message_rate: float = 20
     client_message_burst: int = 40
     metrics: bool = False
+    health_details: bool = True
 
     def __post_init__(self) -> None:
         for name in ("jwt_algorithms", "allowed_origins"):
@@ -178,6 +181,12 @@ class Settings:
                     "Setting 'jwt_secret' must be a PEM public key for "
                     f"{'/'.join(sorted(algorithms))}; read it with POMO_WS_JWT_SECRET_FILE."
                 )
+        if self.cursor_secret is not None and len(self.cursor_secret.encode()) < _MIN_CURSOR_SECRET_BYTES:
+            raise ConfigurationError(
+                f"Setting 'cursor_secret' is {len(self.cursor_secret.encode())} bytes long; it needs at least "
+                f"{_MIN_CURSOR_SECRET_BYTES} bytes, as an HMAC key does. Generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`."
+            )
         if self.token_cookie is not None and not self.allowed_origins:
             raise ConfigurationError(
                 "Setting 'token_cookie' requires 'allowed_origins': cookie authentication without an origin "
@@ -216,13 +225,30 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password of a URL such as redis://user:secret@host/0."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    """Hide the passwords of a URL: in its userinfo (redis://user:secret@host/0) and in `?password=`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: show nothing that might be a secret
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme}://***" if sep else "***"
+    if not parts.scheme:
         return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, _, host = netloc.rpartition("@")
+        user, colon, _ = creds.partition(":")
+        netloc = f"{user}:***@{host}" if colon and user else f"***@{host}"
+    query = "&".join(
+        f"{name}=***" if urllib.parse.unquote_plus(name).lower() == "password" else field
+        for field in parts.query.split("&")
+        for name in (field.partition("=")[0],)
+    )
+    text = f"{parts.scheme}://{netloc}{parts.path}" if "://" in url else f"{parts.scheme}:{netloc}{parts.path}"
+    if query or url.endswith("?"):
+        text += f"?{query}"
+    if parts.fragment:
+        text += f"#{parts.fragment}"
+    return text
 
 
 def _parse(var: str, raw: str, hint: Any) -> Any:

@@ -1,7 +1,7 @@
 """The `pomo-ws` command: mint a dev token, run the demo, listen to a stream.
 
 ```
-pomo-ws token alice --ttl 600
+pomo-ws token alice --ttl 600 [--secret=KEY | --secret-file PATH]
 pomo-ws demo --port 8000 [--redis redis://localhost:6379/0]
 pomo-ws listen ws://127.0.0.1:8000/ws --token "$TOKEN"
 ```
@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,15 +78,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("user", metavar="USER", help="the user id to put in the token")
     token.add_argument("--ttl", type=_positive, default=3600, metavar="S", help="lifetime in seconds (default 3600)")
-    token.add_argument("--secret", help="the HMAC secret (default: from the environment)")
+    token.add_argument(
+        "--secret",
+        help="the HMAC secret (default: POMO_WS_JWT_SECRET, JWT_SECRET or POMO_WS_JWT_SECRET_FILE); a secret that "
+        "starts with '-' works too, best written --secret=-KEY",
+    )
+    token.add_argument("--secret-file", metavar="PATH", help="read the HMAC secret from this file")
 
     demo = commands.add_parser(
         "demo",
         help="run the Pomofocus demo app",
-        description="Run the demo (tasks, a synced timer, /websocket-test) with uvicorn. Without a configured secret "
-        "it generates a development secret and prints it.",
+        description="Run the demo (tasks, a synced timer, /websocket-test) with uvicorn. Its login issues a token "
+        "for any name, so it signs with a secret generated for this run (never JWT_SECRET), answers loopback Host "
+        "names only and binds loopback only, unless the flags below say otherwise.",
     )
     demo.add_argument("--host", default="127.0.0.1", help="the interface to bind (default 127.0.0.1)")
+    demo.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host that is not loopback (anyone who reaches it can log in as anyone)",
+    )
+    demo.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer this Host name (repeatable; '*' answers any; default 127.0.0.1, localhost, ::1)",
+    )
+    demo.add_argument(
+        "--use-env-secret",
+        action="store_true",
+        help="sign with POMO_WS_JWT_SECRET (or POMO_WS_JWT_SECRET_FILE) instead of a generated secret",
+    )
     demo.add_argument("--port", type=_port, default=8000, help="the port to bind (default 8000)")
     demo.add_argument("--redis", metavar="URL", help="use Redis, e.g. redis://localhost:6379/0 (default: memory)")
     demo.add_argument("--db", default=None, metavar="PATH", help="the SQLite file (default ./pomo-demo.sqlite3)")
@@ -114,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_secret(list(sys.argv[1:] if argv is None else argv)))
     try:
         if args.command == "token":
             return _token(args)
@@ -131,6 +155,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _join_secret(argv: list[str]) -> list[str]:
+    """Turn `--secret VALUE` into `--secret=VALUE`, so that a secret starting with '-' is not taken for an option.
+
+    `secrets.token_urlsafe()` starts with '-' about once in 64 secrets.
+    """
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index] == "--secret" and index + 1 < len(argv):
+            joined.append(f"--secret={argv[index + 1]}")
+            index += 2
+            continue
+        if argv[index] == "--":
+            joined += argv[index:]
+            break
+        joined.append(argv[index])
+        index += 1
+    return joined
+
+
 def _settings() -> Settings:
     try:
         return Settings.from_env()
@@ -142,17 +186,33 @@ def _settings() -> Settings:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .demo.tokens import mint_token
+    from .testing import mint_token
 
     settings = _settings()
-    if args.secret:
+    if args.secret is not None and args.secret_file is not None:
+        raise CLIError("pass --secret or --secret-file, not both.", 2)
+    if args.secret is not None:
         settings = settings.replace(jwt_secret=args.secret)
+    elif args.secret_file is not None:
+        try:
+            with open(args.secret_file, encoding="utf-8") as fh:
+                settings = settings.replace(jwt_secret=fh.read().strip())
+        except OSError as exc:
+            raise CLIError(f"cannot read --secret-file {args.secret_file!r}: {exc.strerror}", 2) from exc
     if not settings.jwt_secret:
         raise CLIError(_NO_SECRET, 2)
+    if "-----BEGIN" in settings.jwt_secret or not settings.jwt_algorithms[0].startswith("HS"):
+        raise CLIError(
+            "minting a token needs an HMAC secret (HS256/HS384/HS512); the configured algorithms are "
+            f"{', '.join(settings.jwt_algorithms)}. Sign RS256/ES256/EdDSA tokens with your private key.",
+            2,
+        )
     try:
-        token = mint_token(settings, args.user, ttl=args.ttl)
-    except ValueError as exc:
-        raise CLIError(f"{exc} The configured algorithms are {', '.join(settings.jwt_algorithms)}.", 2) from exc
+        settings.check(custom_authenticate=False)
+    except ConfigurationError as exc:
+        raise CLIError(f"the server would refuse this secret, so no token was minted: {exc}", 2) from exc
+    now = int(time.time())
+    token = mint_token(settings, args.user, ttl=args.ttl, iat=now)
     print(token)
     return 0
 
@@ -201,28 +261,46 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - uvicorn is in the demo and test extras
         raise CLIError("the demo needs uvicorn: pip install 'starlette-pomo-ws[demo]'") from exc
     from .demo.app import DEFAULT_DB_PATH, create_app
-    from .demo.tokens import dev_settings, mint_token
+    from .demo.tokens import LOOPBACK_HOSTS, demo_settings, is_loopback, mint_token
 
-    settings = _settings()
+    if not is_loopback(args.host) and not args.allow_remote:
+        raise CLIError(
+            f"refusing to bind --host {args.host}: the demo's login issues a token for any name to anyone who can "
+            "reach it. Pass --allow-remote to do it anyway, on a network you trust.",
+            2,
+        )
+    try:
+        settings, generated = demo_settings(use_env_secret=args.use_env_secret)
+    except ConfigurationError as exc:
+        raise CLIError(str(exc), 2) from exc
+    if args.use_env_secret and generated:
+        raise CLIError("--use-env-secret: POMO_WS_JWT_SECRET (or POMO_WS_JWT_SECRET_FILE) is not set.", 2)
     if args.redis:
         settings = settings.replace(backend_url=args.redis)
-    settings, generated = dev_settings(settings)
     settings.check(custom_authenticate=False)
+    allowed_hosts = [*LOOPBACK_HOSTS, *args.allowed_host]
+    if not is_loopback(args.host) and args.host not in ("0.0.0.0", "::", ""):
+        allowed_hosts.append(args.host)
     sock = bind_socket(args.host, args.port)
     port = sock.getsockname()[1]
     shown = display_host(args.host)
     base = f"http://{shown}:{port}"
-    token = mint_token(settings, args.user, ttl=24 * 3600)
-    app = create_app(settings, db_path=args.db or DEFAULT_DB_PATH)
+    token = mint_token(settings, args.user, ttl=24 * 3600, iat=int(time.time()))
+    app = create_app(settings, db_path=args.db or DEFAULT_DB_PATH, allowed_hosts=allowed_hosts)
 
     lines = [""]
     if generated:
         lines += [
-            "No JWT secret is configured, so a development secret was generated for this run:",
+            "The demo signs its tokens with a development secret generated for this run:",
             f"  export POMO_WS_JWT_SECRET={settings.jwt_secret}",
-            "Tokens signed with it stop working when the demo stops, unless you export it.",
+            "Tokens signed with it stop working when the demo stops, unless you export it and pass --use-env-secret.",
             "",
         ]
+    lines += [
+        "Warning: the demo's login issues a token for any name to anyone who can reach it. Never expose it.",
+        f"It answers Host {', '.join(allowed_hosts)}.",
+        "",
+    ]
     lines += [
         f"Pomofocus demo:      {base}/",
         f"WebSocket test page: {base}/websocket-test",

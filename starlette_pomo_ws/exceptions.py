@@ -31,12 +31,14 @@ class AuthenticationError(PomoWSError):
     """Raised by an `authenticate` callable to refuse a handshake.
 
     The reason becomes the close reason of the 1008 close frame, so keep it short (at most 123 bytes
-    of UTF-8) and free of secrets.
+    of UTF-8) and free of secrets. `detail` goes to the server log only, never to the client: say
+    there why the handshake was refused (a missing claim, a wrong audience), never the token.
     """
 
-    def __init__(self, reason: str = "Invalid authentication token") -> None:
+    def __init__(self, reason: str = "Invalid authentication token", *, detail: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
 
 
 class BackendUnavailable(PomoWSError, ConnectionError):

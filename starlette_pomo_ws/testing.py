@@ -378,6 +378,7 @@ class PomoTestClient:
         origin: str | None = None,
         wait_established: bool = True,
         timeout: float | None = None,
+        send_mode: Literal["instant", "yield", "fail"] = "instant",
     ) -> AsyncIterator[PomoWebSocket]:
         """Open a WebSocket to the app, in-process, as `user_id` (or with `token`, or with no credentials).
 
@@ -398,6 +399,9 @@ class PomoTestClient:
             origin: the `Origin` header (none by default, like a non-browser client).
             wait_established: wait for `CONNECTION_ESTABLISHED` before the block runs.
             timeout: the bound of this socket's waits; defaults to the client's.
+            send_mode: how the server's `send` behaves: `"instant"` completes at once, `"yield"`
+                switches tasks first (as hypercorn's does), `"fail"` raises `OSError` on every data
+                frame (a vanished peer).
 
         Yields:
             The open socket; it is closed when the block ends.
@@ -433,6 +437,7 @@ class PomoTestClient:
             hdrs,
             offered,
             self.timeout if timeout is None else timeout,
+            send_mode=send_mode,
         )
         self._sockets.add(ws)
         try:
@@ -480,6 +485,12 @@ class PomoWebSocket:
         subprotocol: the subprotocol the server selected.
         close_code: the server's close code, once it closed.
         close_reason: the server's close reason, once it closed.
+        violations: ASGI messages the app sent after its own close, a protocol error (should stay empty).
+
+    For tests of the ASGI protocol itself it can also be built directly, started with `start()`, and
+    read message by message with `receive_message()`; `send_mode` then makes it act like another server:
+    `"yield"` switches tasks in every send (a server whose `send` awaits a queue or a drain, such as
+    hypercorn), `"fail"` raises `OSError` on every data frame (a peer that vanished).
     """
 
     __test__ = False  # not a pytest test class
@@ -488,12 +499,16 @@ class PomoWebSocket:
         self,
         app: ASGIApp,
         path: str,
-        query_string: str,
-        headers: list[tuple[str, str]],
-        subprotocols: list[str],
-        timeout: float,
+        query_string: str | bytes = "",
+        headers: Sequence[tuple[str, str]] = (),
+        subprotocols: Sequence[str] = (),
+        timeout: float = 5.0,
+        *,
+        send_mode: Literal["instant", "yield", "fail"] = "instant",
     ) -> None:
         self.timeout = timeout
+        self.send_mode = send_mode
+        self.violations: list[Message] = []
         self.established: dict[str, Any] | None = None
         self.last_id: str | None = None
         self.subprotocol: str | None = None
@@ -515,6 +530,7 @@ class PomoWebSocket:
             (b"sec-websocket-version", b"13"),
             (b"sec-websocket-key", secrets.token_urlsafe(16).encode()),
         ]
+        subprotocols = list(subprotocols)
         if subprotocols:
             raw_headers.append((b"sec-websocket-protocol", ", ".join(subprotocols).encode()))
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
@@ -528,7 +544,7 @@ class PomoWebSocket:
             "root_path": "",
             "path": path,
             "raw_path": path.encode(),
-            "query_string": query_string.encode(),
+            "query_string": query_string if isinstance(query_string, bytes) else query_string.encode(),
             "headers": raw_headers,
             "subprotocols": subprotocols,
             "state": {},
@@ -544,17 +560,31 @@ class PomoWebSocket:
         """Whether either side has closed the socket."""
         return self._server_closed or self._client_closed
 
+    @property
+    def scope(self) -> Scope:
+        """The ASGI scope the app receives."""
+        return self._scope
+
     # -- the app's side of the ASGI connection ---------------------------------------------------------
 
     async def _app_receive(self) -> Message:
         return await self._to_app.get()
 
     async def _app_send(self, message: Message) -> None:
-        # Never suspends, like a socket whose buffer has room: PomoWS steps send coroutines once.
-        if self._server_closed or self._client_closed:
+        # By default it never suspends, like a socket whose buffer has room.
+        if self.send_mode == "yield":
+            await asyncio.sleep(0)
+        if self._server_closed:
+            self.violations.append(message)  # a send after the app's own close breaks the ASGI protocol
             if message["type"] == "websocket.close":
                 return
             raise OSError("Send on a closed WebSocket")
+        if self._client_closed:
+            if message["type"] == "websocket.close":
+                return
+            raise OSError("Send on a closed WebSocket")
+        if self.send_mode == "fail" and message["type"] == "websocket.send":
+            raise OSError("Connection reset by peer")
         self._to_client.put_nowait(message)
         if message["type"] == "websocket.close":
             self._server_closed = True
@@ -573,9 +603,45 @@ class PomoWebSocket:
 
     # -- opening and closing ----------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start the app's handler with a `websocket.connect` (once), without waiting for the handshake."""
+        if self._task is None:
+            self._to_app.put_nowait({"type": "websocket.connect"})
+            self._task = asyncio.ensure_future(self._run())
+
+    def feed(self, message: Message) -> None:
+        """Hand the app one raw ASGI message, e.g. `{"type": "websocket.disconnect", "code": 1001}`."""
+        self._to_app.put_nowait(message)
+
+    def cancel(self) -> None:
+        """Cancel the app's handler, as a server does when it drops a connection on its side."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def finished(self, timeout: float | None = None) -> None:
+        """Wait (bounded) for the app's handler to return, and re-raise its crash if it crashed."""
+        assert self._task is not None, "start() the socket first"
+        limit = self.timeout if timeout is None else timeout
+        done, _ = await asyncio.wait({self._task}, timeout=limit)
+        if not done:
+            raise AssertionError(f"The app did not return within {limit} s on {self._path}")
+        if not self._task.cancelled():
+            self._task.result()
+
+    async def receive_message(self, timeout: float | None = None) -> Message:
+        """The next raw ASGI message the app sent (`websocket.accept`, `websocket.send`, `websocket.close`).
+
+        Raises:
+            ReceiveTimeout: nothing arrived within `timeout` (default: the socket's).
+            WebSocketClosed: the app returned without sending anything more (its crash is re-raised).
+        """
+        message = await self._next_message("a message from the app", timeout)
+        if message["type"] == "websocket.accept":
+            self._accepted = True
+        return message
+
     async def _open(self, wait_established: bool) -> None:
-        self._to_app.put_nowait({"type": "websocket.connect"})
-        self._task = asyncio.ensure_future(self._run())
+        self.start()
         message = await self._next_message("the handshake to be accepted", self.timeout)
         if message["type"] == "websocket.close":
             self._close_seen = True

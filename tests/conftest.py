@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
-import jwt
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -21,6 +20,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from starlette_pomo_ws import PomoWS, Settings
+from starlette_pomo_ws.testing import mint_token
 
 SECRET = "test-secret-0123456789-0123456789-0123456789"
 REDIS_URL = os.environ.get("POMO_WS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -33,11 +33,8 @@ def anyio_backend() -> str:
 
 
 def make_token(user_id: Any = "u1", *, secret: str = SECRET, ttl: float | None = 300, **claims: Any) -> str:
-    """Mint an HS256 token the way the guide's backend does (`userId` claim)."""
-    payload: dict[str, Any] = {"userId": user_id, **claims}
-    if ttl is not None:
-        payload.setdefault("exp", int(time.time() + ttl))
-    return jwt.encode(payload, secret, algorithm="HS256")
+    """`starlette_pomo_ws.testing.mint_token`, the package's one minter, with the suite's secret (`userId` claim)."""
+    return mint_token(Settings(jwt_secret=secret), user_id, ttl=ttl, **claims)
 
 
 def make_settings(**overrides: Any) -> Settings:

@@ -4,6 +4,7 @@ import logging
 import time
 from typing import Any
 
+import anyio
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -12,7 +13,8 @@ from starlette.requests import HTTPConnection
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from starlette_pomo_ws import AuthenticationError, PomoWS, Principal, Settings
+from starlette_pomo_ws import AuthenticationError, ConfigurationError, PomoWS, Principal, Settings
+from starlette_pomo_ws._auth import JWTAuthenticator, RefusalLog
 
 from .conftest import SECRET, make_app, make_settings, make_token
 
@@ -163,3 +165,263 @@ def test_tokens_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
     for token in (good, expired, forged):
         assert token not in caplog.text
         assert token.split(".")[2] not in caplog.text
+
+
+# -- claims PyJWT lets through ---------------------------------------------------------------------------
+
+INVALID = (1008, "Invalid authentication token")
+
+
+@pytest.mark.parametrize(
+    ("exp", "cause"),
+    [
+        ("99999999999", "claim 'exp' must be a number, not str"),  # PyJWT calls int(): it never expired
+        (10**17, "claim 'exp' is out of range"),  # iso_timestamp cannot write it: the handler crashed
+        (253402300800, "claim 'exp' is out of range"),  # 10000-01-01T00:00:00Z
+        (1e300, "claim 'exp' is out of range"),
+    ],
+)
+def test_an_exp_that_is_not_a_sane_number_is_refused(exp: Any, cause: str, caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app(PomoWS(make_settings()))
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        assert refusal(app, f"/ws?token={make_token(exp=exp)}") == INVALID
+    assert cause in caplog.text
+
+
+def test_the_latest_exp_that_can_be_written_is_accepted() -> None:
+    app = make_app(PomoWS(make_settings()))
+    assert hello(app, f"/ws?token={make_token(exp=253402300799)}")["userId"] == "u1"
+
+
+@pytest.mark.parametrize("exp", [10**17, "99999999999", True])
+def test_a_refresh_token_with_an_absurd_exp_gets_an_error_event(exp: Any) -> None:
+    """A REFRESH_TOKEN whose exp is 10**17 crashed the handler (OSError in iso_timestamp): no close frame."""
+    app = make_app(PomoWS(make_settings()))
+    with TestClient(app) as client, client.websocket_connect(f"/ws?token={make_token()}") as ws:
+        assert ws.receive_json()["type"] == "CONNECTION_ESTABLISHED"
+        ws.send_json({"type": "REFRESH_TOKEN", "data": {"token": make_token(exp=exp)}})
+        error = ws.receive_json()
+        assert (error["type"], error["data"]["code"]) == ("ERROR", "invalid_token")
+        assert error["data"]["message"] in ("Invalid authentication token", "Authentication token expired")
+        ws.send_json({"type": "PING"})
+        assert ws.receive_json()["type"] == "PONG"
+
+
+def test_an_issuer_that_only_partly_matches_is_refused() -> None:
+    """CVE-2024-53861: PyJWT 2.10.0 let `iss: "auth"` pass a check for "https://auth.example.com"."""
+    app = make_app(PomoWS(make_settings(jwt_issuer="https://auth.example.com")))
+    assert refusal(app, f"/ws?token={make_token(iss='auth')}") == INVALID
+    assert refusal(app, f"/ws?token={make_token(iss='https://auth.example.co')}") == INVALID
+    assert hello(app, f"/ws?token={make_token(iss='https://auth.example.com')}")["userId"] == "u1"
+
+
+# -- user ids ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user", "cause"),
+    [
+        ("\ud800", "the user id contains the character '\\ud800'"),  # was a 1011 with a UnicodeEncodeError
+        ("alice\nINFO forged line", "the user id contains the character '\\n'"),
+        ("a\x00b", "the user id contains the character '\\x00'"),
+        ("a\u2028b", "the user id contains the character '\\u2028'"),
+        ("a" * 257, "the user id is longer than 256 characters"),
+        ("", "claim 'userId': the user id is empty"),
+        (10**300, "the user id is longer than 256 characters"),
+        (True, "unusable claim 'userId'"),
+    ],
+)
+def test_unusable_user_ids_are_refused_and_the_log_says_why(
+    user: Any, cause: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pomo = PomoWS(make_settings())
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        assert refusal(make_app(pomo), f"/ws?token={make_token(user)}") == INVALID
+    assert cause in caplog.text
+    assert "\n" not in caplog.records[-1].getMessage(), "a user id cannot forge a log line"
+    assert pomo.broadcaster.stats.rejected["auth"] == 1
+
+
+def test_user_ids_of_256_characters_and_any_script_are_fine() -> None:
+    app = make_app(PomoWS(make_settings()))
+    for user in ("a" * 256, "Zoë 😀 مرحبا", "user:42@example.com", "a\u00a0b"):
+        assert hello(app, f"/ws?token={make_token(user)}")["userId"] == user
+
+
+def test_a_custom_authenticate_that_returns_an_unusable_user_id_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    async def authenticate(connection: HTTPConnection) -> Principal:
+        return Principal(user_id="bob\r\nx")
+
+    app = make_app(PomoWS(Settings(), authenticate=authenticate))
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        assert refusal(app) == INVALID
+    assert "authenticate returned an unusable user id: the user id contains the character '\\r'" in caplog.text
+
+
+# -- JWT errors that escaped as 1011 --------------------------------------------------------------------
+
+
+def test_a_token_for_an_algorithm_the_key_cannot_check_is_a_1008(caplog: pytest.LogCaptureFixture) -> None:
+    """An EdDSA token against an HMAC key: PyJWT raises InvalidKeyError-type errors, not InvalidTokenError."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    token = jwt.encode({"userId": "u1", "exp": int(time.time()) + 60}, private, algorithm="EdDSA")
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        assert refusal(make_app(PomoWS(make_settings())), f"/ws?token={token}") == INVALID
+    assert "unsupported algorithm 'EdDSA' (accepted: HS256)" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a bad token"
+
+
+@pytest.mark.parametrize("error", [jwt.InvalidKeyError, jwt.PyJWTError, RecursionError, OverflowError])
+def test_every_pyjwt_failure_is_a_1008_without_a_traceback(
+    error: type[Exception], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever PyJWT raises (InvalidKeyError, RecursionError on old versions' deep headers), the client gets 1008."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise error("boom")
+
+    monkeypatch.setattr(jwt.PyJWT, "decode", broken)
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        assert refusal(make_app(PomoWS(make_settings())), f"/ws?token={make_token()}") == INVALID
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize(
+    ("algorithms", "wrong"), [(("RS256", "EdDSA"), "EdDSA"), (("ES256",), "ES256"), (("PS256", "RS512"), None)]
+)
+def test_algorithms_that_do_not_fit_the_key_are_refused_at_startup(
+    rsa_keys: tuple[bytes, str], algorithms: tuple[str, ...], wrong: str | None
+) -> None:
+    _, public = rsa_keys
+    pomo = PomoWS(Settings(jwt_secret=public, jwt_algorithms=algorithms, cursor_secret="c" * 32))
+    if wrong is None:
+        with TestClient(make_app(pomo)):
+            pass
+        return
+    with pytest.raises(ConfigurationError, match=f"Setting 'jwt_algorithms' has {wrong}, which an RSA key"):
+        with TestClient(make_app(pomo)):
+            pass  # pragma: no cover
+
+
+def test_key_types_and_curves_are_matched_at_startup() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    def pem(key: Any) -> str:
+        return str(
+            key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    p256, p384, ed = (
+        pem(ec.generate_private_key(ec.SECP256R1())),
+        pem(ec.generate_private_key(ec.SECP384R1())),
+        pem(ed25519.Ed25519PrivateKey.generate()),
+    )
+    for key, algorithms in ((p256, ("ES256",)), (p384, ("ES384",)), (ed, ("EdDSA",))):
+        JWTAuthenticator(Settings(jwt_secret=key, jwt_algorithms=algorithms))
+    for key, algorithms in ((p256, ("ES384",)), (ed, ("RS256",))):
+        with pytest.raises(ConfigurationError, match="'jwt_algorithms'"):
+            JWTAuthenticator(Settings(jwt_secret=key, jwt_algorithms=algorithms))
+    with pytest.raises(ConfigurationError, match="'jwt_secret' is not a readable PEM public key"):
+        JWTAuthenticator(
+            Settings(jwt_secret="-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----", jwt_algorithms=("RS256",))
+        )
+
+
+# -- the log says why ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "token", "cause"),
+    [
+        ({}, lambda: jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
+         "missing claim 'userId' (hint: set user_id_claim=\"sub\")"),
+        ({}, lambda: make_token(ttl=None), "missing exp"),
+        ({}, lambda: make_token(secret="x" * 40), "bad signature"),
+        ({"jwt_audience": "pomo"}, lambda: make_token(aud="other"), "wrong audience (expected 'pomo')"),
+        ({"jwt_issuer": "https://a"}, lambda: make_token(iss="https://b"), "wrong issuer (expected 'https://a')"),
+        ({}, lambda: make_token(ttl=-30), "expired"),
+        ({}, lambda: jwt.encode({"userId": "u1"}, "k" * 64, algorithm="HS512"), "unsupported algorithm 'HS512'"),
+        ({}, lambda: make_token(nbf=int(time.time()) + 600), "not valid yet"),
+        ({}, lambda: "not.a.token", "malformed token (DecodeError"),
+        ({}, lambda: "x" * 9000, "longer than 8192 characters"),
+    ],
+)  # fmt: skip
+def test_the_log_line_names_the_cause_but_the_client_sees_the_documented_reason(
+    settings: dict[str, Any], token: Any, cause: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = token()
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        code, reason = refusal(make_app(PomoWS(make_settings(**settings))), f"/ws?token={text}")
+    assert code == 1008
+    assert reason in ("Invalid authentication token", "Authentication token expired")
+    lines = [r for r in caplog.records if r.getMessage().startswith("Refused a WebSocket")]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
+    assert cause in lines[0].getMessage()
+    assert text not in caplog.text
+
+
+def test_origin_and_limit_refusals_are_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app(PomoWS(make_settings(allowed_origins=("https://app.example.com",), max_connections_per_user=1)))
+    token = make_token()
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"), TestClient(app) as client:
+        with (
+            pytest.raises(WebSocketDisconnect),
+            client.websocket_connect(f"/ws?token={token}", headers={"origin": "https://evil.example"}) as ws,
+        ):
+            ws.receive_json()
+        with client.websocket_connect(f"/ws?token={token}") as first:
+            first.receive_json()
+            with pytest.raises(WebSocketDisconnect) as exc, client.websocket_connect(f"/ws?token={token}") as second:
+                second.receive_json()
+            assert exc.value.code == 1008
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("(origin): Origin not allowed; origin 'https://evil.example'" in m for m in messages)
+    assert any("(limit): Too many connections for this user; user 'u1'" in m for m in messages)
+    assert token not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_flood_of_refusals_is_rate_limited_with_a_summary(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    log = RefusalLog(per_second=3, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        for _ in range(1000):
+            log.refused("auth", "Invalid authentication token", "bad signature", ("10.0.0.1", 5000))
+        log.refused("origin", "Origin not allowed", "origin 'x'")  # another reason has its own budget
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 4
+        assert lines[0] == "Refused a WebSocket from 10.0.0.1:5000 (auth): Invalid authentication token; bad signature"
+        now[0] += 1.0  # the next second: the summary first, then a fresh budget
+        log.refused("auth", "Invalid authentication token")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[4:] == [
+        "997 more refusals (auth: Invalid authentication token) suppressed in one second",
+        "Refused a WebSocket (auth): Invalid authentication token",
+    ]
+
+
+@pytest.mark.anyio
+async def test_the_summary_comes_even_when_the_flood_stops() -> None:
+    log = RefusalLog(per_second=1)
+    summary = "4 more refusals (auth: No authentication token provided) suppressed in one second"
+    arrived = anyio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == summary:
+                arrived.set()
+
+    watch = Watch()
+    logging.getLogger("starlette_pomo_ws").addHandler(watch)
+    try:
+        for _ in range(5):
+            log.refused("auth", "No authentication token provided")
+        with anyio.fail_after(3):
+            await arrived.wait()
+    finally:
+        logging.getLogger("starlette_pomo_ws").removeHandler(watch)

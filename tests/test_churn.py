@@ -13,7 +13,8 @@ import gc
 import json
 import time
 import urllib.parse
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -21,12 +22,13 @@ from asgi_lifespan import LifespanManager
 
 from starlette_pomo_ws import Broadcaster, PomoWS
 from starlette_pomo_ws._connection import Connection
+from starlette_pomo_ws.testing import PomoWebSocket
 
 from .conftest import make_app, make_settings, make_token, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-Message = dict[str, Any]
+Message = MutableMapping[str, Any]
 
 CYCLES = 2000
 WORKERS = 40
@@ -51,7 +53,7 @@ EMPTY = dict.fromkeys(("connections", "users", "queued", "subscriptions", "close
 
 
 class Socket:
-    """One WebSocket at the ASGI level.
+    """One WebSocket at the ASGI level: the test kit's `PomoWebSocket`, read message by message.
 
     `broken=True` makes every send fail, as a vanished peer's transport does; `yielding=True` makes every send
     switch tasks once, as a server whose send() awaits a queue or a drain does.
@@ -60,39 +62,12 @@ class Socket:
     def __init__(
         self, app: Any, path: str, query: dict[str, str], *, broken: bool = False, yielding: bool = False
     ) -> None:
-        self.scope: dict[str, Any] = {
-            "type": "websocket",
-            "asgi": {"version": "3.0"},
-            "scheme": "ws",
-            "http_version": "1.1",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": urllib.parse.urlencode(query).encode(),
-            "headers": [(b"host", b"testserver")],
-            "subprotocols": [],
-            "client": ("127.0.0.1", 50000),
-            "server": ("testserver", 80),
-        }
-        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self.outbox: asyncio.Queue[Message] = asyncio.Queue()
-        self.broken = broken
-        self.yielding = yielding
-        self.inbox.put_nowait({"type": "websocket.connect"})
-        self.task = asyncio.ensure_future(app(self.scope, self.inbox.get, self._send))
-
-    async def _send(self, message: Message) -> None:
-        if self.yielding:  # a server whose send() awaits: the connection's writer task takes over
-            await asyncio.sleep(0)
-        if self.broken and message["type"] == "websocket.send":
-            raise OSError("connection reset by peer")
-        if message["type"] == "websocket.close":  # as a server does once the close handshake completes
-            self.leave()
-        self.outbox.put_nowait(message)
+        mode: Literal["instant", "yield", "fail"] = "fail" if broken else "yield" if yielding else "instant"
+        self.ws = PomoWebSocket(app, path, urllib.parse.urlencode(query), send_mode=mode)
+        self.ws.start()
 
     async def next(self) -> Message:
-        with anyio.fail_after(5):
-            return await self.outbox.get()
+        return await self.ws.receive_message(timeout=5)
 
     async def next_json(self) -> dict[str, Any] | None:
         """The next text message, or `None` when the server closed the socket (then the close is answered)."""
@@ -107,16 +82,17 @@ class Socket:
         return result
 
     def send_text(self, text: str) -> None:
-        self.inbox.put_nowait({"type": "websocket.receive", "text": text})
+        self.ws.feed({"type": "websocket.receive", "text": text})
 
     def leave(self, code: int = 1000) -> None:
-        self.inbox.put_nowait({"type": "websocket.disconnect", "code": code})
+        self.ws.feed({"type": "websocket.disconnect", "code": code})
+
+    def cancel(self) -> None:
+        self.ws.cancel()
 
     async def finished(self) -> None:
-        with anyio.fail_after(5):
-            await asyncio.wait({self.task})
-        if not self.task.cancelled():
-            self.task.result()  # the app never crashes, whatever the client does
+        await self.ws.finished(timeout=5)  # re-raises a crash: the app never crashes, whatever the client does
+        assert self.ws.violations == [], f"the app sent after its close: {self.ws.violations}"
 
 
 async def test_thousands_of_connect_close_cycles_return_to_the_baseline() -> None:
@@ -171,7 +147,7 @@ async def test_thousands_of_connect_close_cycles_return_to_the_baseline() -> Non
                 pass
             elif kind == 6:  # the server drops the handler (as at a hard shutdown of that socket)
                 await ws.next()
-                ws.task.cancel()
+                ws.cancel()
             await ws.finished()
             counts["done"] += 1
 

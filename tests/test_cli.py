@@ -109,6 +109,54 @@ def test_token_refuses_a_public_key_setup(monkeypatch: pytest.MonkeyPatch, capsy
     assert "HMAC" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("no_secret")
+@pytest.mark.parametrize("form", ["separate", "joined"])
+def test_token_with_a_secret_that_starts_with_a_dash(form: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """About 1 in 64 `token_urlsafe(48)` secrets starts with '-'; argparse took it for an option."""
+    secret = "-" + SECRET
+    argv = ["token", "bob", "--secret", secret] if form == "separate" else ["token", "bob", f"--secret={secret}"]
+    assert main(argv) == 0
+    assert jwt.decode(capsys.readouterr().out.strip(), secret, algorithms=["HS256"])["userId"] == "bob"
+
+
+@pytest.mark.usefixtures("no_secret")
+def test_token_with_a_secret_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "secret"
+    path.write_text("-" + SECRET + "\n")
+    assert main(["token", "bob", "--secret-file", str(path)]) == 0
+    assert jwt.decode(capsys.readouterr().out.strip(), "-" + SECRET, algorithms=["HS256"])["userId"] == "bob"
+    assert main(["token", "bob", "--secret-file", str(tmp_path / "missing")]) == 2
+    assert "cannot read --secret-file" in capsys.readouterr().err
+    assert main(["token", "bob", "--secret-file", str(path), "--secret", SECRET]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_secret")
+def test_token_refuses_a_secret_the_server_would_refuse(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "alice", "--secret", "short"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "the server would refuse this secret" in captured.err
+    assert "'jwt_secret' is 5 bytes long" in captured.err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "example.com"])
+def test_demo_refuses_a_public_host_without_allow_remote(host: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--host", host, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to bind --host {host}" in err
+    assert "--allow-remote" in err
+
+
+@pytest.mark.usefixtures("no_secret")
+def test_demo_use_env_secret_needs_the_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JWT_SECRET", SECRET)  # never read by the demo, even with the flag
+    assert main(["demo", "--port", "0", "--use-env-secret"]) == 2
+    assert "POMO_WS_JWT_SECRET" in capsys.readouterr().err
+
+
 def test_malformed_environment_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -135,7 +183,7 @@ def test_demo_on_a_taken_port_is_a_clear_error(
 
 
 def test_demo_with_an_unknown_host(capsys: pytest.CaptureFixture[str], env_secret: None) -> None:
-    assert main(["demo", "--host", "no-such-host.invalid", "--port", "0"]) == 1
+    assert main(["demo", "--host", "no-such-host.invalid", "--allow-remote", "--port", "0"]) == 1
     assert "cannot resolve --host" in capsys.readouterr().err
 
 
@@ -156,7 +204,7 @@ def test_demo_bind_errors_are_clear(
 
 def test_demo_refuses_a_short_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("POMO_WS_JWT_SECRET", "short")
-    assert main(["demo", "--port", "0"]) == 2
+    assert main(["demo", "--port", "0", "--use-env-secret"]) == 2
     assert "Setting 'jwt_secret' is 5 bytes long" in capsys.readouterr().err
 
 
@@ -203,10 +251,16 @@ def captured_servers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[uvicorn.S
         server.should_exit = True
 
 
-@pytest.mark.usefixtures("no_secret")
 def test_demo_generates_a_secret_prints_a_token_and_serves(
-    captured_servers: list[uvicorn.Server], capsys: pytest.CaptureFixture[str], tmp_path: Path
+    captured_servers: list[uvicorn.Server],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """With another app's key in JWT_SECRET (and POMO_WS_JWT_SECRET), the demo still signs with its own."""
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("POMO_WS_JWT_SECRET", SECRET)
     result: list[int] = []
     thread = threading.Thread(
         target=lambda: result.append(
@@ -220,8 +274,10 @@ def test_demo_generates_a_secret_prints_a_token_and_serves(
             assert thread.is_alive() and time.monotonic() < deadline, "the demo did not start"
             time.sleep(0.01)
         out = capsys.readouterr().out
-        assert "a development secret was generated" in out
+        assert "a development secret generated for this run" in out
+        assert "issues a token for any name to anyone who can reach it" in out
         secret = out.split("export POMO_WS_JWT_SECRET=", 1)[1].split()[0]
+        assert secret != SECRET
         url = out.split("Pomofocus demo:", 1)[1].split()[0]
         token = out.split("A token for user 'demo' (valid 24 h):", 1)[1].split()[0]
         assert jwt.decode(token, secret, algorithms=["HS256"])["userId"] == "demo"
@@ -231,6 +287,11 @@ def test_demo_generates_a_secret_prints_a_token_and_serves(
         assert health.json()["status"] == "ok"
         tasks = httpx.get(url + "api/tasks", headers={"Authorization": f"Bearer {token}"}, timeout=5)
         assert tasks.status_code == 200
+        login = httpx.post(url + "api/login", json={"name": "admin"}, headers={"Host": "evil.example"}, timeout=5)
+        assert login.status_code == 400, "DNS rebinding: a foreign Host must not get a token"
+        assert any(r.levelname == "WARNING" and "token for any name" in r.getMessage() for r in caplog.records), (
+            "the demo logs that its login issues tokens for anyone"
+        )
     finally:
         for server in captured_servers:
             server.should_exit = True

@@ -237,3 +237,22 @@ def test_the_readme_links_resolve() -> None:
     assert "docs/quickstart.md" in links
     for link in links:
         assert (ROOT / link).is_file(), f"README.md links to {link}, which does not exist"
+
+
+@pytest.mark.anyio
+async def test_ban_users(load_example: LoadExample, caplog: pytest.LogCaptureFixture) -> None:
+    """`disconnect_user` alone does not revoke the token; the deny-list refuses the reconnect and the refresh."""
+    module = load_example("ban_users")
+    async with PomoTestClient(module.app) as client:
+        token = client.mint_token("mallory")
+        async with client.connect(token=token) as mallory, client.connect("alice") as alice:
+            await mallory.send_json({"type": "REFRESH_TOKEN", "data": {"token": client.mint_token("mallory")}})
+            await mallory.expect("TOKEN_REFRESHED")
+            await module.ban("mallory")
+            await mallory.expect_close(1000, "Banned")
+            await alice.ping()
+        with caplog.at_level("WARNING", logger="starlette_pomo_ws"):
+            async with client.connect(token=token, wait_established=False) as again:
+                await again.expect_close(1008, "Invalid authentication token")
+        assert "user 'mallory' is banned" in caplog.text
+        assert token not in caplog.text

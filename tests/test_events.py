@@ -44,3 +44,12 @@ def test_the_envelope_is_valid_json_for_any_type_and_user(type_: str, user_id: s
         "timestamp": "2025-01-06T12:00:00.000Z",
         "id": "e.1.sig",
     }
+
+
+def test_cursor_fields_are_length_prefixed_so_they_cannot_run_into_each_other() -> None:
+    """Without a length prefix, ("x", 1, "2:bob") and ("x:1", 2, "bob") signed the same text."""
+    signer = CursorSigner(b"k" * 32)
+    one = signer.sign("x", 1, "2:bob").rsplit(".", 1)[1]
+    two = signer.sign("x:1", 2, "bob").rsplit(".", 1)[1]
+    assert one != two
+    assert signer.verify(signer.sign("x", 1, "2:bob"), "2:bob") is not None

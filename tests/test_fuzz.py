@@ -19,7 +19,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from typing import Any
 
-import anyio
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +28,7 @@ from starlette.datastructures import QueryParams
 
 from starlette_pomo_ws import PomoWS, Settings
 from starlette_pomo_ws._events import CursorSigner
+from starlette_pomo_ws.testing import PomoWebSocket
 
 from .conftest import SECRET, make_settings, make_token, wait_until
 
@@ -53,7 +53,7 @@ fuzz_settings = settings(
 
 
 class FakeSocket:
-    """One WebSocket at the ASGI level: what the server would pass to `receive()`, and what the app sent.
+    """One WebSocket at the ASGI level: the test kit's `PomoWebSocket`, read message by message.
 
     Like a server, it answers the app's close frame with `websocket.disconnect`, and it records any message
     the app sends after its close (a protocol violation). `yielding=True` makes every send switch tasks once.
@@ -68,79 +68,38 @@ class FakeSocket:
         subprotocols: Sequence[str] = (),
         yielding: bool = False,
     ) -> None:
-        self.app = app
-        self.yielding = yielding
-        if isinstance(query, str):
-            query = query.encode()
-        self.scope: dict[str, Any] = {
-            "type": "websocket",
-            "asgi": {"version": "3.0", "spec_version": "2.4"},
-            "scheme": "ws",
-            "http_version": "1.1",
-            "path": "/",
-            "raw_path": b"/",
-            "root_path": "",
-            "query_string": query,
-            "headers": [(b"host", b"testserver"), *headers],
-            "subprotocols": list(subprotocols),
-            "client": ("127.0.0.1", 50000),
-            "server": ("testserver", 80),
-            "state": {},
-        }
-        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self._outbox: list[Message] = []
-        self._read = 0
-        self.closed = False
-        self.violations: list[Message] = []
-        self._task: asyncio.Task[None] | None = None
+        self.ws = PomoWebSocket(
+            app,
+            "/",
+            query,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+            subprotocols,
+            send_mode="yield" if yielding else "instant",
+        )
 
-    async def _receive(self) -> Message:
-        return await self._inbox.get()
-
-    async def _send(self, message: Message) -> None:
-        if self.yielding:
-            # Like a server whose send() awaits a queue or a drain (hypercorn, daphne, TestClient): the app's
-            # task switches here, and other handshakes and the fan-out run in between.
-            await asyncio.sleep(0)
-        if self.closed:
-            self.violations.append(message)
-            return
-        if message["type"] == "websocket.close":
-            self.closed = True
-            self._inbox.put_nowait({"type": "websocket.disconnect", "code": message.get("code", 1000)})
-        self._outbox.append(message)
+    @property
+    def scope(self) -> MutableMapping[str, Any]:
+        return self.ws.scope
 
     async def __aenter__(self) -> FakeSocket:
-        self._inbox.put_nowait({"type": "websocket.connect"})
-        self._task = asyncio.ensure_future(self.app(self.scope, self._receive, self._send))
+        self.ws.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        if not self.closed:
-            self.closed = True
-            self._inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
-        with anyio.fail_after(5):
-            await self._task  # re-raises a crash of the app
-        assert self.violations == [], f"the app sent after its close: {self.violations}"
+        if not self.ws.closed:
+            self.ws.feed({"type": "websocket.disconnect", "code": 1000})
+        await self.ws.finished(timeout=5)  # re-raises a crash of the app
+        assert self.ws.violations == [], f"the app sent after its close: {self.ws.violations}"
 
     def send_text(self, text: str) -> None:
-        self._inbox.put_nowait({"type": "websocket.receive", "text": text})
+        self.ws.feed({"type": "websocket.receive", "text": text})
 
     def send_bytes(self, data: bytes) -> None:
-        self._inbox.put_nowait({"type": "websocket.receive", "bytes": data})
+        self.ws.feed({"type": "websocket.receive", "bytes": data})
 
     async def next(self, within: float = 3) -> Message:
         """The app's next ASGI message; fails if the app returns or crashes without one."""
-        assert self._task is not None
-        task = self._task
-        await wait_until(lambda: len(self._outbox) > self._read or task.done(), within, "a message from the app")
-        if len(self._outbox) == self._read:
-            task.result()  # raises the app's crash
-            raise AssertionError("the app returned without sending anything more")
-        message = self._outbox[self._read]
-        self._read += 1
-        return message
+        return await self.ws.receive_message(timeout=within)
 
     async def accepted(self) -> str | None:
         message = await self.next()
@@ -589,8 +548,11 @@ async def test_rs256_rejects_an_hs256_token_signed_with_the_public_key() -> None
             await control.ping_pong()
 
 
+_ID_TEXT = st.text(st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40)
+
+
 @fuzz_settings
-@given(user=st.integers(min_value=-(2**63), max_value=2**63) | st.text(min_size=1, max_size=40))
+@given(user=st.integers(min_value=-(2**63), max_value=2**63) | _ID_TEXT)
 async def test_any_string_or_integer_user_claim_becomes_a_string_user_id(user: int | str) -> None:
     async with started() as pomo, FakeSocket(pomo, query=token_query(make_token(user))) as ws:
         hello = await ws.established()
@@ -598,3 +560,22 @@ async def test_any_string_or_integer_user_claim_becomes_a_string_user_id(user: i
         assert pomo.broadcaster.user_connection_count(str(user)) == 1
         event = await pomo.broadcaster.broadcast_to_user(str(user), "TASK_CREATED", None)
         assert (await ws.json())["id"] == event.id
+
+
+@fuzz_settings
+@given(
+    user=st.builds(
+        lambda head, bad, tail: head + bad + tail,
+        _ID_TEXT | st.just(""),
+        st.characters(include_characters="\x00\n\r\x1b\x7f\u2028\u2029\ud800\udfff", categories=()),
+        _ID_TEXT | st.just(""),
+    )
+    | st.text(min_size=257, max_size=300)
+    | st.just("")
+)
+async def test_user_ids_with_controls_or_surrogates_or_too_long_are_refused(user: str) -> None:
+    """Ids reach log lines and Redis keys: no control characters, no lone surrogates, 1 to 256 characters."""
+    token = jwt.encode({"userId": user, "exp": int(time.time() + 60)}, SECRET, algorithm="HS256")
+    async with started() as pomo, FakeSocket(pomo, query=token_query(token)) as ws:
+        assert await ws.refusal() == (1008, INVALID)
+        assert pomo.broadcaster.total_connection_count() == 0

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from starlette_pomo_ws import ConfigurationError, PomoWS, Settings
+from starlette_pomo_ws import BackendUnavailable, ConfigurationError, PomoWS, Settings
+from starlette_pomo_ws._settings import redact_url
 
 from .conftest import SECRET
 
@@ -134,3 +135,75 @@ def test_cursor_secret_is_required_for_public_keys_on_a_shared_backend() -> None
     assert len(settings.derived_cursor_key(shared=False)) == 32
     shared = settings.replace(cursor_secret="same-on-every-node")
     assert shared.derived_cursor_key(shared=True) == shared.derived_cursor_key(shared=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:hunter2@redis:6379/0", "redis://user:***@redis:6379/0"),
+        ("redis://:hunter2@redis:6379/0", "redis://***@redis:6379/0"),
+        ("redis://hunter2@redis/0", "redis://***@redis/0"),
+        ("redis://redis:6379/0?password=hunter2", "redis://redis:6379/0?password=***"),
+        ("redis://redis/0?db=1&Password=hunter2&ssl_cert_reqs=none", "redis://redis/0?db=1&Password=***&ssl_cert_reqs=none"),
+        ("rediss://u:p%40ss@redis/0?password=hunter2#x", "rediss://u:***@redis/0?password=***#x"),
+        ("redis://redis/0?pass%77ord=hunter2", "redis://redis/0?pass%77ord=***"),
+        ("redis://[::1:6379/0?password=hunter2", "redis://***"),
+        ("memory://", "memory://"),
+        ("redis://redis:6379/0?socket_timeout=5", "redis://redis:6379/0?socket_timeout=5"),
+    ],
+)  # fmt: skip
+def test_redact_url_masks_userinfo_and_the_password_query_argument(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+async def test_a_password_in_the_query_never_shows() -> None:
+    """repr(Settings), the backend repr logged at startup and BackendUnavailable messages all mask `?password=`."""
+    from starlette_pomo_ws.backends import create_backend
+
+    url = "redis://127.0.0.1:1/0?password=hunter2&socket_connect_timeout=1"
+    settings = Settings(jwt_secret=SECRET, backend_url=url)
+    assert "hunter2" not in repr(settings)
+    assert "password=***" in repr(settings)
+    backend = create_backend(settings)
+    assert "hunter2" not in repr(backend)
+    assert "hunter2" not in repr(PomoWS(settings))
+
+    def ignore(*args: object) -> None:
+        pass  # pragma: no cover - nothing arrives from a server that is not there
+
+    with pytest.raises(BackendUnavailable) as exc:
+        await backend.start(ignore, ignore)
+    assert "hunter2" not in str(exc.value)
+    assert "password=***" in str(exc.value)
+
+
+@pytest.mark.parametrize("secret", ["a", "x" * 31, ""])
+async def test_a_short_cursor_secret_is_refused_at_startup(secret: str) -> None:
+    pomo = PomoWS(Settings(jwt_secret=SECRET, cursor_secret=secret))
+    with pytest.raises(ConfigurationError, match=r"Setting 'cursor_secret' is \d+ bytes long; it needs at least 32"):
+        async with pomo.lifespan():
+            pass  # pragma: no cover
+    async with PomoWS(Settings(jwt_secret=SECRET, cursor_secret="x" * 32)).lifespan():
+        pass
+
+
+def test_health_details_reads_from_the_environment() -> None:
+    assert Settings().health_details is True
+    assert Settings.from_env({"POMO_WS_HEALTH_DETAILS": "false"}).health_details is False
+
+
+def test_health_without_details_shows_no_counts() -> None:
+    """`health_details=False`: a public health check tells nobody how many users are online."""
+    from starlette.testclient import TestClient
+
+    from .conftest import make_app, make_token
+
+    for details in (True, False):
+        with TestClient(make_app(PomoWS(Settings(jwt_secret=SECRET, health_details=details)))) as client:
+            with client.websocket_connect(f"/ws?token={make_token('a')}") as ws:
+                ws.receive_json()
+                body = client.get("/ws/health").json()
+        if details:
+            assert (body["connections"], body["users"]) == (1, 1)
+        else:
+            assert body == {"status": "ok", "backend": {"kind": "memory", "connected": True}}

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 from unittest.mock import ANY
 
 import jwt
@@ -511,3 +511,81 @@ async def test_the_transport_scope() -> None:
     assert scope["subprotocols"] == ["x"]
     assert (b"cookie", b"c=1") in scope["headers"]
     assert (b"sec-websocket-protocol", b"x") in scope["headers"]
+
+
+# -- the ASGI-level socket ------------------------------------------------------------------------------
+
+
+async def test_a_socket_read_message_by_message() -> None:
+    """`start()`, `receive_message()`, `feed()` and `finished()`: the protocol itself, one ASGI message at a time."""
+    pomo = PomoWS(make_settings())
+    app = make_app(pomo)
+    async with testing.run_lifespan(app) as state:
+        ws = PomoWebSocket(app, "/ws", f"token={mint_token(pomo.settings, 'u1')}")
+        ws.scope["state"] = state
+        ws.start()
+        ws.start()  # once only
+        assert (await ws.receive_message())["type"] == "websocket.accept"
+        hello = await ws.receive_message()
+        assert hello["type"] == "websocket.send" and "CONNECTION_ESTABLISHED" in hello["text"]
+        ws.feed({"type": "websocket.receive", "text": '{"type": "PING"}'})
+        assert '"PONG"' in (await ws.receive_message())["text"]
+        ws.feed({"type": "websocket.disconnect", "code": 1001})
+        await ws.finished()
+        assert ws.violations == []
+        with pytest.raises(WebSocketClosed):
+            await ws.receive_message(timeout=1)
+
+
+@pytest.mark.parametrize("mode", ["instant", "yield", "fail"])
+async def test_send_modes_act_like_other_servers(mode: Literal["instant", "yield", "fail"]) -> None:
+    """`"yield"` switches tasks in every send (as hypercorn's does); `"fail"` is a vanished peer."""
+    order: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        asyncio.get_running_loop().call_soon(order.append, "another task")
+        await send({"type": "websocket.accept"})
+        order.append("accepted")
+        await send({"type": "websocket.send", "text": "hi"})
+        await send({"type": "websocket.close", "code": 1000})
+
+    ws = PomoWebSocket(app, "/ws", send_mode=mode)
+    ws.start()
+    assert (await ws.receive_message())["type"] == "websocket.accept"
+    if mode == "fail":
+        with pytest.raises(OSError, match="reset by peer"):
+            await ws.finished()
+        return
+    assert await ws.receive_message() == {"type": "websocket.send", "text": "hi"}
+    await ws.finished()
+    assert order[:2] == (["another task", "accepted"] if mode == "yield" else ["accepted", "another task"])
+
+
+async def test_a_send_after_the_apps_own_close_is_a_recorded_violation() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1000})
+        with contextlib.suppress(OSError):
+            await send({"type": "websocket.send", "text": "late"})
+
+    ws = PomoWebSocket(app, "/ws")
+    ws.start()
+    await ws.finished()
+    assert ws.violations == [{"type": "websocket.send", "text": "late"}]
+
+
+async def test_cancel_stops_the_handler_as_a_server_does() -> None:
+    pomo = PomoWS(make_settings())
+    app = make_app(pomo)
+    async with testing.run_lifespan(app) as state:
+        ws = PomoWebSocket(app, "/ws", f"token={mint_token(pomo.settings, 'u1')}")
+        ws.scope["state"] = state
+        ws.start()
+        await ws.receive_message()
+        await ws.receive_message()
+        assert pomo.broadcaster.user_connection_count("u1") == 1
+        ws.cancel()
+        await ws.finished()
+        assert pomo.broadcaster.user_connection_count("u1") == 0

@@ -11,22 +11,24 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jwt
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import PomoWS, Settings
-from ..exceptions import BackendUnavailable
+from .._auth import JWTAuthenticator
+from .._types import ASGIApp, Receive, Scope, Send
+from ..exceptions import AuthenticationError, BackendUnavailable
 from .store import SESSION_TYPES, TASK_STATUSES, Store
-from .tokens import dev_settings, mint_token, verify_token
+from .tokens import LOOPBACK_HOSTS, dev_settings, mint_token
 
 __all__ = ["DEFAULT_DB_PATH", "create_app"]
 
@@ -69,13 +71,57 @@ def _title(body: dict[str, Any]) -> str:
     return title.strip()
 
 
-def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str] = DEFAULT_DB_PATH) -> Starlette:
+def host_name(header: str) -> str:
+    """The name in a `Host` header, without its port: `[::1]:8000` gives `::1`, `LocalHost.:80` gives `localhost`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, _, _ = header[1:].partition("]")
+    else:
+        name = header.rpartition(":")[0] if header.count(":") == 1 else header
+    return name.rstrip(".")
+
+
+class HostCheck:
+    """Answer only requests whose `Host` is one of `allowed` (`"*"` allows any), HTTP and WebSocket alike.
+
+    A page on evil.example that rebinds its name to 127.0.0.1 still sends `Host: evil.example`, so a
+    loopback-only demo refuses it: its login would otherwise mint tokens for that page.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(host_name(name) for name in allowed)
+        self.any = "*" in allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not self.any:
+            header = next((bytes(v).decode("latin-1") for k, v in scope.get("headers") or () if k == b"host"), "")
+            if host_name(header) not in self.allowed:
+                answers = ", ".join(sorted(self.allowed))
+                logger.warning("Demo: refused a request for Host %r; it answers %s only", header[:100], answers)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008, "reason": "Host not allowed"})
+                else:
+                    await JSONResponse({"error": "Host not allowed."}, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    settings: Settings | None = None,
+    db_path: str | os.PathLike[str] = DEFAULT_DB_PATH,
+    *,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+) -> Starlette:
     """Build the demo app.
 
+    Its login mints a token for any name, for anyone who can reach it: never expose it.
+
     Args:
-        settings: the package settings; `None` reads them from the environment. Without a secret,
-            a development secret is generated (and logged as such).
+        settings: the package settings. `None` reads them from the environment, but never the secret
+            (`JWT_SECRET`, `POMO_WS_JWT_SECRET`): without a secret, one is generated for this run.
         db_path: the SQLite file (created when missing), or `":memory:"`.
+        allowed_hosts: the `Host` names it answers (with any port); `("*",)` answers every name.
 
     Returns:
         A Starlette app with the pages, the JSON API and the WebSocket mount at `/ws`.
@@ -83,6 +129,12 @@ def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str]
     settings, _ = dev_settings(settings)
     store = Store(db_path)
     pomo = PomoWS(settings)
+    check_token = JWTAuthenticator(settings).decode  # the API refuses exactly what the WebSocket refuses
+    logger.warning(
+        "Demo: POST /api/login issues a token for any name to anyone who can reach this server; never expose it. "
+        "It answers %s.",
+        "every Host name" if "*" in allowed_hosts else "Host " + ", ".join(allowed_hosts),
+    )
 
     def user_of(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -90,8 +142,9 @@ def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str]
         if scheme.lower() != "bearer" or not token:
             raise HTTPException(401, "Log in first: send 'Authorization: Bearer <token>'.")
         try:
-            return verify_token(settings, token.strip())
-        except jwt.InvalidTokenError:
+            return check_token(token.strip()).user_id
+        except AuthenticationError as exc:
+            logger.info("Demo: refused an API token: %s", exc.detail or exc.reason)
             raise HTTPException(401, "Invalid or expired token; log in again.") from None
 
     async def broadcast(request: Request, user_id: str, event_type: str, data: Any) -> None:
@@ -113,7 +166,7 @@ def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str]
         name = body.get("name")
         if not isinstance(name, str) or not _USER_NAME.match(name):
             return _error(400, "'name' must be 1-64 letters, digits or _.@-")
-        token = mint_token(settings, name, ttl=TOKEN_TTL)
+        token = mint_token(settings, name, ttl=TOKEN_TTL, iat=int(time.time()))
         return JSONResponse({"token": token, "userId": name, "expiresIn": TOKEN_TTL})
 
     # -- state ------------------------------------------------------------------------------------
@@ -323,6 +376,7 @@ def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(HostCheck, allowed=tuple(allowed_hosts))],
         exception_handlers={HTTPException: http_error, BackendUnavailable: backend_down},
     )
     app.mount("/ws", pomo)

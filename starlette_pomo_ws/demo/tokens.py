@@ -1,19 +1,29 @@
-"""Development tokens: the demo's login and `pomo-ws token` mint HS256 tokens with the configured secret."""
+"""The demo's secret and its dev login's safety rails.
+
+The demo's login mints a token for any name, so the demo signs with a secret of its own, made up
+for each run: never with `JWT_SECRET` (another app's key, as the original guide names it), and
+with `POMO_WS_JWT_SECRET` only when asked to (`pomo-ws demo --use-env-secret`). Tokens are minted
+by `starlette_pomo_ws.testing.mint_token`, the package's one minter.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import secrets
-import time
-from typing import Any
-
-import jwt
+from collections.abc import Mapping
 
 from .._settings import Settings
+from ..testing import mint_token
 
-__all__ = ["dev_settings", "generate_secret", "mint_token", "verify_token"]
+__all__ = ["LOOPBACK_HOSTS", "demo_settings", "dev_settings", "generate_secret", "is_loopback", "mint_token"]
 
 logger = logging.getLogger("starlette_pomo_ws")
+
+#: The `Host` names the demo answers by default: a DNS-rebinding page sends its own name and is refused.
+LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+_SECRET_VARIABLES = ("POMO_WS_JWT_SECRET", "POMO_WS_JWT_SECRET_FILE")
 
 
 def generate_secret() -> str:
@@ -21,63 +31,49 @@ def generate_secret() -> str:
     return secrets.token_urlsafe(48)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address only reaches this machine (`localhost`, `127.0.0.0/8`, `::1`)."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def demo_settings(environ: Mapping[str, str] | None = None, *, use_env_secret: bool = False) -> tuple[Settings, bool]:
+    """The demo's settings from the environment, with a secret of its own.
+
+    `JWT_SECRET` is never read. `POMO_WS_JWT_SECRET` (or `POMO_WS_JWT_SECRET_FILE`) is read only
+    with `use_env_secret=True`; otherwise, and when it is unset, a development secret is generated.
+
+    Returns:
+        `(settings, generated)`, as `dev_settings`.
+    """
+    env = dict(os.environ if environ is None else environ)
+    env.pop("JWT_SECRET", None)
+    if not use_env_secret:
+        for name in _SECRET_VARIABLES:
+            env.pop(name, None)
+    return dev_settings(Settings.from_env(env))
+
+
 def dev_settings(settings: Settings | None = None) -> tuple[Settings, bool]:
-    """The settings, with a generated development secret when none is configured.
+    """The settings, with a generated development secret when they have none.
+
+    `None` means `demo_settings()`: the environment, without its secrets.
 
     Returns:
         `(settings, generated)`: `generated` is true when the secret was made up here. Tokens
         signed with it stop working when the process ends.
     """
-    resolved = Settings.from_env() if settings is None else settings
-    if resolved.jwt_secret:
-        return resolved, False
-    resolved = resolved.replace(jwt_secret=generate_secret(), jwt_algorithms=("HS256",))
+    if settings is None:
+        return demo_settings()
+    if settings.jwt_secret:
+        return settings, False
+    resolved = settings.replace(jwt_secret=generate_secret(), jwt_algorithms=("HS256",))
     logger.warning(
-        "No JWT secret is configured (POMO_WS_JWT_SECRET or JWT_SECRET); generated a development secret. "
-        "Tokens signed with it stop working when this process ends."
+        "Demo: generated a development secret for this run. Tokens signed with it stop working when this process ends."
     )
     return resolved, True
-
-
-def mint_token(settings: Settings, user_id: str, *, ttl: float = 3600, claims: dict[str, Any] | None = None) -> str:
-    """Sign a token for `user_id` with the settings' HMAC secret.
-
-    The user id goes in `settings.user_id_claim` (the guide's `userId`) and in `sub`; `aud` and
-    `iss` follow the settings when they are set.
-
-    Raises:
-        ValueError: there is no HMAC secret to sign with.
-    """
-    algorithm = next((alg for alg in settings.jwt_algorithms if alg.startswith("HS")), None)
-    if not settings.jwt_secret or algorithm is None:
-        raise ValueError("Minting a token needs an HMAC 'jwt_secret' (HS256/HS384/HS512).")
-    now = int(time.time())
-    payload: dict[str, Any] = {settings.user_id_claim: user_id, "sub": user_id, "iat": now, "exp": now + int(ttl)}
-    if settings.jwt_audience:
-        payload["aud"] = settings.jwt_audience
-    if settings.jwt_issuer:
-        payload["iss"] = settings.jwt_issuer
-    payload.update(claims or {})
-    return jwt.encode(payload, settings.jwt_secret, algorithm=algorithm)
-
-
-def verify_token(settings: Settings, token: str) -> str:
-    """Check a token as the WebSocket handshake does, and return its user id.
-
-    Raises:
-        jwt.InvalidTokenError: the token is invalid, expired or has no user id.
-    """
-    assert settings.jwt_secret is not None
-    claims = jwt.decode(
-        token,
-        settings.jwt_secret,
-        algorithms=list(settings.jwt_algorithms),
-        audience=settings.jwt_audience,
-        issuer=settings.jwt_issuer,
-        leeway=settings.jwt_leeway,
-        options={"require": ["exp"] if settings.jwt_require_exp else []},
-    )
-    user_id = claims.get(settings.user_id_claim)
-    if user_id is None or user_id == "":
-        raise jwt.InvalidTokenError(f"The token has no '{settings.user_id_claim}' claim.")
-    return str(user_id)

@@ -37,7 +37,7 @@ async def test_a_redis_outage_degrades_without_dropping_sockets_or_events(
     redis_server = redis_server_factory()
     redis_server.start(persist=True)  # AOF on: a restart keeps the history
     backend = RedisBackend(redis_server.url, socket_timeout=0.5, heartbeat_interval=0.5)
-    pomo = PomoWS(make_settings(cursor_secret="shared-by-every-node"), backend=backend)
+    pomo = PomoWS(make_settings(cursor_secret="shared-by-every-node-0123456789abcdef"), backend=backend)
     async with run_server(make_app(pomo)) as server, httpx.AsyncClient(base_url=server.http) as http:
         async with connect(server.url(f"/ws?token={make_token('u1')}")) as ws:
             assert (await recv(ws))["type"] == "CONNECTION_ESTABLISHED"

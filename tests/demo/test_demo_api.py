@@ -13,7 +13,7 @@ import httpx
 import jwt
 import pytest
 from asgi_lifespan import LifespanManager
-from httpx_ws import AsyncWebSocketSession, aconnect_ws
+from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, WebSocketUpgradeError, aconnect_ws
 from httpx_ws.transport import ASGIWebSocketTransport
 from starlette.applications import Starlette
 
@@ -21,7 +21,8 @@ from starlette_pomo_ws import Settings
 from starlette_pomo_ws.client import PomoClient
 from starlette_pomo_ws.demo.app import create_app
 from starlette_pomo_ws.demo.store import DEFAULT_SETTINGS, Store
-from starlette_pomo_ws.demo.tokens import dev_settings, mint_token, verify_token
+from starlette_pomo_ws.demo.tokens import demo_settings, dev_settings, is_loopback
+from starlette_pomo_ws.testing import mint_token
 
 from ..conftest import run_server
 
@@ -37,11 +38,11 @@ def app(tmp_path: Path) -> Starlette:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+async def serve(app: Starlette, base_url: str = "http://127.0.0.1:8000") -> AsyncIterator[httpx.AsyncClient]:
     async with (
         LifespanManager(app) as manager,
         ASGIWebSocketTransport(app=manager.app) as transport,
-        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+        httpx.AsyncClient(transport=transport, base_url=base_url) as client,
     ):
         yield client
 
@@ -56,6 +57,22 @@ async def receive(ws: AsyncWebSocketSession, expected_type: str | None = None) -
     if expected_type is not None:
         assert event["type"] == expected_type, event
     return event
+
+
+async def ws_refusal(client: httpx.AsyncClient, headers: dict[str, str]) -> int:
+    """The close code of a refused handshake, or the HTTP status of a refused upgrade."""
+    try:
+        async with aconnect_ws("/ws", client, headers=headers, session_class=AsyncWebSocketSession) as ws:
+            await ws.receive_json()
+    except BaseException as exc:
+        errors = list(getattr(exc, "exceptions", [exc]))  # anyio wraps it in a group (no builtin on 3.10)
+        for error in errors:
+            if isinstance(error, WebSocketDisconnect):
+                return int(error.code)
+            if isinstance(error, WebSocketUpgradeError):
+                return error.response.status_code
+        raise
+    raise AssertionError("the handshake was not refused")
 
 
 @contextlib.asynccontextmanager
@@ -311,17 +328,93 @@ def test_a_missing_secret_is_generated_and_logged(
     assert (settings, generated) == (SETTINGS, False)
 
 
-def test_tokens_round_trip_and_refuse_bad_input() -> None:
-    settings = SETTINGS.replace(jwt_audience="pomo", jwt_issuer="demo")
-    token = mint_token(settings, "alice", ttl=60)
-    assert verify_token(settings, token) == "alice"
-    with pytest.raises(jwt.InvalidTokenError):
-        verify_token(SETTINGS.replace(jwt_audience="other"), token)
-    no_user = jwt.encode({"exp": 2**40}, SECRET, algorithm="HS256")
-    with pytest.raises(jwt.InvalidTokenError):
-        verify_token(SETTINGS, no_user)
-    with pytest.raises(ValueError, match="HMAC"):
-        mint_token(Settings(), "alice")
+async def test_the_api_refuses_what_the_websocket_refuses(app: Starlette) -> None:
+    """The API reuses the package's token check: `userId: true`, a long or control-character id, a string exp."""
+    bad = [
+        mint_token(SETTINGS, "alice", userId=True),
+        mint_token(SETTINGS, "a" * 257),
+        mint_token(SETTINGS, "alice\nINFO forged"),
+        mint_token(SETTINGS, "alice", exp="99999999999"),
+        mint_token(SETTINGS.replace(jwt_audience="other"), "alice"),
+        jwt.encode({"exp": 2**40}, SECRET, algorithm="HS256"),
+    ]
+    async with serve(app) as client:
+        for token in bad:
+            response = await client.get("/api/tasks", headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 401, token
+            assert await ws_refusal(client, {"Authorization": f"Bearer {token}"}) == 1008
+        assert (await client.get("/api/tasks", headers=auth("alice"))).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LOCALHOST.", "[::1]:8000", "127.0.0.1"])
+async def test_loopback_host_names_are_answered(app: Starlette, host: str) -> None:
+    async with serve(app) as client:
+        response = await client.post("/api/login", json={"name": "alice"}, headers={"Host": host})
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "", "[::2]:80"])
+async def test_other_host_names_are_refused_against_dns_rebinding(
+    app: Starlette, host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A page on evil.example rebound to 127.0.0.1 sends its own Host: the login must not answer it."""
+    async with serve(app) as client:
+        with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+            response = await client.post("/api/login", json={"name": "admin"}, headers={"Host": host})
+        assert response.status_code == 400
+        assert "token" not in response.json()
+        assert "refused a request for Host" in caplog.text
+        # A close before the accept: a real server answers HTTP 403, httpx-ws's ASGI transport reports 1008.
+        assert await ws_refusal(client, {"Host": host, **auth("alice")}) in (403, 1008)
+
+
+async def test_allowed_hosts_can_be_widened(tmp_path: Path) -> None:
+    app = create_app(SETTINGS, db_path=tmp_path / "d.sqlite3", allowed_hosts=("demo.internal",))
+    async with serve(app, "http://demo.internal") as client:
+        assert (await client.post("/api/login", json={"name": "alice"})).status_code == 200
+        assert (await client.post("/api/login", json={"name": "a"}, headers={"Host": "x"})).status_code == 400
+    anyone = create_app(SETTINGS, db_path=tmp_path / "d.sqlite3", allowed_hosts=("*",))
+    async with serve(anyone, "http://anything.example") as client:
+        assert (await client.post("/api/login", json={"name": "alice"})).status_code == 200
+
+
+def test_the_demo_warns_that_its_login_issues_tokens_for_anyone(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        create_app(SETTINGS, db_path=tmp_path / "d.sqlite3")
+    warning = next(r for r in caplog.records if "/api/login" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "token for any name" in warning.getMessage()
+
+
+def test_the_demo_never_signs_with_the_environments_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JWT_SECRET is another app's key: a demo token must never open that app's sockets."""
+    other_app = "another-apps-secret-0123456789-0123456789-0123456789"
+    monkeypatch.setenv("JWT_SECRET", other_app)
+    monkeypatch.setenv("POMO_WS_JWT_SECRET", other_app)
+    monkeypatch.setenv("POMO_WS_JWT_AUDIENCE", "pomo")  # other settings still come from the environment
+    for settings, generated in (demo_settings(), dev_settings(None)):
+        assert generated
+        assert settings.jwt_secret != other_app
+        assert settings.jwt_audience == "pomo"
+    app = create_app(db_path=tmp_path / "d.sqlite3")
+    assert app.state.settings.jwt_secret != other_app
+    settings, generated = demo_settings(use_env_secret=True)
+    assert (settings.jwt_secret, generated) == (other_app, False)
+    monkeypatch.delenv("POMO_WS_JWT_SECRET")
+    settings, generated = demo_settings(use_env_secret=True)  # JWT_SECRET is never read, even then
+    assert generated
+    assert settings.jwt_secret != other_app
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True), ("localhost", True),
+     ("0.0.0.0", False), ("::", False), ("", False), ("192.168.1.2", False), ("example.com", False)],
+)  # fmt: skip
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
 
 
 def test_store_edges(tmp_path: Path) -> None:
