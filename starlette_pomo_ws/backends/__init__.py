@@ -36,7 +36,10 @@ def create_backend(settings: Settings) -> Backend:
                 "pip install 'starlette-pomo-ws[redis]'."
             ) from exc
         return RedisBackend(url, history_size=settings.history_size, history_ttl=settings.history_ttl)
-    raise ConfigurationError(f"Setting 'backend_url': unsupported backend {redact_url(url)!r}.")
+    raise ConfigurationError(
+        f"Setting 'backend_url': unsupported backend {redact_url(url)!r}; "
+        "use memory:// (one process), redis://host:port/db or rediss://host:port/db."
+    )
 
 
 def __getattr__(name: str) -> object:
