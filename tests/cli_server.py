@@ -54,9 +54,9 @@ def user_env(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def uvicorn_cli(
-    cwd: Path, args: Sequence[str], *, env: dict[str, str] | None = None, ready: str = "Application startup complete"
+    cwd: Path, args: Sequence[str], *, env: dict[str, str] | None = None, ready: str = "Uvicorn running on"
 ) -> Iterator[CLIServer]:
-    """Start `uvicorn ARGS --port P` in `cwd`; wait for `ready` in its output; stop it with SIGTERM."""
+    """Start `uvicorn ARGS --port P` in `cwd`; wait for `ready` (it listens) in its output; stop it with SIGTERM."""
     port = free_port()
     log = cwd / f"uvicorn-{port}.log"
     with log.open("w", encoding="utf-8") as out:
