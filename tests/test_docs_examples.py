@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import importlib.metadata
 import inspect
+import json
 import re
+import shlex
+import shutil
+import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -237,3 +244,160 @@ def test_the_readme_links_resolve() -> None:
     assert "docs/quickstart.md" in links
     for link in links:
         assert (ROOT / link).is_file(), f"README.md links to {link}, which does not exist"
+
+
+# -- shell lines: run as written, against a real uvicorn ----------------------------------------------------
+
+DOCS = ROOT / "docs"
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """The `$ ` commands of every console/bash block of a page, one list per block (continuations joined)."""
+    blocks = []
+    for match in re.finditer(r"^( *)```\s*(console|bash)\s*\n(.*?)^\1```", text, re.S | re.M):
+        lines = textwrap.dedent(match.group(3)).splitlines()
+        commands: list[str] = []
+        for line in lines:
+            if match.group(2) == "console" and not line.startswith("$ "):
+                if commands and commands[-1].endswith("\\"):
+                    commands[-1] = commands[-1][:-1] + line.strip()
+                continue
+            line = line.removeprefix("$ ")
+            if commands and commands[-1].endswith("\\"):
+                commands[-1] = commands[-1][:-1] + line.strip()
+            elif line.strip():
+                commands.append(line.strip())
+        blocks.append(commands)
+    return blocks
+
+
+def all_commands() -> list[tuple[str, str]]:
+    pages = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
+    return [(p.name, c) for p in pages for block in shell_commands(p.read_text(encoding="utf-8")) for c in block]
+
+
+def pip_requirements(command: str) -> list[Requirement]:
+    words = shlex.split(command.split(" #", 1)[0])
+    assert words[:2] == ["pip", "install"], command
+    requirements, skip = [], False
+    for word in words[2:]:
+        if skip or word.startswith("-"):
+            skip = word in ("-e", "-r", "-c")
+            continue
+        requirements.append(Requirement(word))
+    return requirements
+
+
+def test_every_pip_install_line_names_installable_distributions_and_a_websocket_capable_uvicorn() -> None:
+    """Each `pip install` in the docs resolves to distributions installed here (the suite's venv is built from
+    the same names), each extra exists, and uvicorn always comes with a WebSocket library."""
+    lines = [(page, c) for page, c in all_commands() if c.startswith("pip install")]
+    assert any("uvicorn" in c for _, c in lines)
+    ours = importlib.metadata.metadata("starlette-pomo-ws")
+    for page, command in lines:
+        for requirement in pip_requirements(command):
+            if requirement.name == "starlette-pomo-ws":
+                assert set(requirement.extras) <= set(ours.get_all("Provides-Extra") or []), (page, command)
+                continue
+            importlib.metadata.version(requirement.name)  # installed: the name is real
+            if requirement.name == "uvicorn":
+                assert "standard" in requirement.extras, f"{page}: {command!r} installs uvicorn without WebSockets"
+                needs = [Requirement(r) for r in importlib.metadata.requires("uvicorn") or []]
+                standard = [r.name for r in needs if r.marker is not None and r.marker.evaluate({"extra": "standard"})]
+                assert "websockets" in standard
+                importlib.metadata.version("websockets")
+
+
+def test_every_uvicorn_line_in_the_docs_is_a_valid_uvicorn_command() -> None:
+    from uvicorn.main import main as uvicorn_main
+
+    lines = [(page, c) for page, c in all_commands() if c.startswith("uvicorn ")]
+    assert len(lines) >= 5
+    for page, command in lines:
+        words = shlex.split(command.split(" #", 1)[0])[1:]
+        with uvicorn_main.make_context("uvicorn", words) as context:
+            assert context.params["app"], (page, command)
+            assert context.params["ws_per_message_deflate"] is False, f"{page}: {command!r} leaves compression on"
+
+
+QUICKSTART_FRAMEWORKS = ["fastapi", "starlette", "litestar"]
+
+
+def tab_block(text: str, needle: str) -> list[str]:
+    return next(block for block in shell_commands(text) if any(needle in command for command in block))
+
+
+def bash(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-ec", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("framework", QUICKSTART_FRAMEWORKS)
+def test_the_quickstart_runs_as_written(framework: str, tmp_path: Path) -> None:
+    """Save the tab's app, run the tab's commands, listen in two terminals, curl: both print the task."""
+    from .cli_server import free_port, user_env
+
+    page = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    module = f"{framework}_app"
+    assert f'--8<-- "docs/examples/{module}.py"' in page
+    shutil.copy(EXAMPLES / f"{module}.py", tmp_path / f"{module}.py")
+    env = user_env()
+    env.pop("POMO_WS_JWT_SECRET")
+    run_block = tab_block(page, f"uvicorn {module}:app")
+    port = free_port()
+    server_line = ""
+    for command in run_block:
+        if command.startswith("pip install"):
+            pip_requirements(command)  # checked by the test above: not installed again here
+        elif command.startswith("export "):
+            variable = command.removeprefix("export ").split("=", 1)[0]
+            exported = bash(f'{command}; echo "${{{variable}}}"', env, tmp_path)
+            assert exported.returncode == 0, exported.stderr
+            env[variable] = exported.stdout.strip()
+        elif command.startswith("uvicorn "):
+            server_line = command
+        else:
+            raise AssertionError(f"the test does not know how to run {command!r}")
+    assert len(env["POMO_WS_JWT_SECRET"]) >= 32
+    args = shlex.split(server_line)
+    with subprocess.Popen(
+        [*args, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            for line in server.stdout:
+                assert "No supported WebSocket library" not in line
+                if "Uvicorn running on" in line:
+                    break
+            socket_block = tab_block(page, "pomo-ws listen")
+            curl_block = tab_block(page, "curl ")
+            setup = [c for c in socket_block if not c.startswith(("export POMO_WS_JWT_SECRET=...", "pomo-ws listen"))]
+            listen = next(c for c in socket_block if c.startswith("pomo-ws listen"))
+            assert socket_block[0].startswith("export POMO_WS_JWT_SECRET=..."), "the second terminal needs the key"
+            script = "\n".join([*setup, "exec " + listen]).replace(":8000", f":{port}")
+            listeners = [
+                subprocess.Popen(
+                    ["bash", "-ec", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+                for _ in range(2)
+            ]
+            try:
+                for listener in listeners:
+                    assert listener.stdout is not None
+                    established = json.loads(listener.stdout.readline())
+                    assert (established["type"], established["userId"]) == ("CONNECTION_ESTABLISHED", "alice")
+                (curl,) = curl_block
+                assert curl.startswith("curl ")
+                posted = bash(curl.replace(":8000", f":{port}") + " --fail-with-body -sS", env, tmp_path)
+                assert posted.returncode == 0, f"{curl!r} failed: {posted.stdout} {posted.stderr}"
+                for listener in listeners:
+                    assert listener.stdout is not None
+                    event = json.loads(listener.stdout.readline())
+                    assert event["type"] == "TASK_CREATED" and event["data"]["title"] == "Write the docs"
+                    assert event["data"] == json.loads(posted.stdout)
+            finally:
+                for listener in listeners:
+                    listener.terminate()
+                    listener.communicate(timeout=10)  # and closes its pipes
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
