@@ -397,7 +397,9 @@ def test_the_quickstart_runs_as_written(framework: str, tmp_path: Path) -> None:
             finally:
                 for listener in listeners:
                     listener.terminate()
-                    listener.communicate(timeout=10)  # and closes its pipes
+                    _, status = listener.communicate(timeout=10)  # and closes its pipes
+                    shown = re.findall(r"^-- .*$", page.split("pomo-ws listen ws://", 1)[1].split("```", 1)[0], re.M)
+                    assert shown and all(line.encode() in status for line in shown), (shown, status)
         finally:
             server.terminate()
             server.wait(timeout=15)

@@ -23,7 +23,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import PomoWS, Settings
+from .. import Broadcaster, PomoWS, Settings
+from .._connection import Connection
 from ..exceptions import BackendUnavailable
 from .store import SESSION_TYPES, TASK_STATUSES, Store
 from .tokens import dev_settings, mint_token, verify_token
@@ -69,6 +70,32 @@ def _title(body: dict[str, Any]) -> str:
     return title.strip()
 
 
+async def relay_notification(broadcaster: Broadcaster, connection: Connection, message: dict[str, Any]) -> None:
+    """The guide's test step: a `NOTIFICATION` a client sends reaches every tab of its own user, and no one else.
+
+    The message's own `userId` and `timestamp` are ignored: a client may only notify itself.
+    """
+    if message["type"] != "NOTIFICATION":
+        await connection.send(
+            "ERROR",
+            {
+                "code": "unknown_type",
+                "message": f"Unknown message type {message['type'][:64]!r}; the demo accepts PING, REFRESH_TOKEN "
+                "and NOTIFICATION.",
+            },
+        )
+        return
+    data = message.get("data")
+    text = data.get("message") if isinstance(data, dict) else None
+    if not isinstance(text, str) or len(text) > 500:
+        await connection.send(
+            "ERROR",
+            {"code": "invalid_notification", "message": "NOTIFICATION needs data.message, at most 500 characters."},
+        )
+        return
+    await broadcaster.broadcast_to_user(connection.user_id, "NOTIFICATION", {"message": text})
+
+
 def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str] = DEFAULT_DB_PATH) -> Starlette:
     """Build the demo app.
 
@@ -82,7 +109,11 @@ def create_app(settings: Settings | None = None, db_path: str | os.PathLike[str]
     """
     settings, _ = dev_settings(settings)
     store = Store(db_path)
-    pomo = PomoWS(settings)
+
+    async def on_message(connection: Connection, message: dict[str, Any]) -> None:
+        await relay_notification(pomo.broadcaster, connection, message)
+
+    pomo = PomoWS(settings, on_message=on_message)
 
     def user_of(request: Request) -> str:
         header = request.headers.get("authorization", "")
