@@ -403,3 +403,76 @@ def test_the_quickstart_runs_as_written(framework: str, tmp_path: Path) -> None:
         finally:
             server.terminate()
             server.wait(timeout=15)
+
+
+# -- the docs site as a reader sees it ----------------------------------------------------------------------
+
+EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001faff]")
+
+
+def test_the_docs_use_no_emoji_that_render_as_boxes() -> None:
+    """✅/❌ and friends need an emoji font; icons come from mkdocs-material as inline SVG (`:material-check:`)."""
+    for page in DOCS.glob("*.md"):
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
+            assert not EMOJI.search(line), f"docs/{page.name}:{number} has an emoji: {line.strip()!r}"
+
+
+def test_the_docs_site_loads_no_web_fonts() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"^theme:\n(?:  .*\n)*?  font: false\b", config, re.M), "mkdocs.yml must set theme.font: false"
+
+
+def tab_groups(text: str) -> list[list[str]]:
+    """The titles of each set of content tabs (`=== "title"` at one indent, with only its content between)."""
+    groups: list[list[str]] = []
+    open_indent: int | None = None
+    for line in text.splitlines():
+        header = re.match(r'^( *)=== "([^"]+)"', line)
+        if header:
+            indent = len(header.group(1))
+            if open_indent == indent:
+                groups[-1].append(header.group(2))
+            else:
+                groups.append([header.group(2)])
+                open_indent = indent
+        elif line.strip() and open_indent is not None and len(line) - len(line.lstrip()) <= open_indent:
+            open_indent = None  # back at the tabs' level: the set ended
+    return groups
+
+
+def test_fastapi_is_the_first_tab_wherever_it_is_a_tab() -> None:
+    assert ["FastAPI", "Starlette", "Litestar"] in tab_groups((DOCS / "quickstart.md").read_text(encoding="utf-8"))
+    for page in [*DOCS.glob("*.md"), ROOT / "README.md"]:
+        for titles in tab_groups(page.read_text(encoding="utf-8")):
+            if "FastAPI" in titles:
+                assert titles[0] == "FastAPI", f"{page.name}: tabs {titles}"
+
+
+def test_the_home_page_opens_with_prose_then_the_app_not_a_docstring() -> None:
+    page = (DOCS / "index.md").read_text(encoding="utf-8")
+    first_include = re.search(r'--8<-- "(docs/examples/[\w.]+?)(?::(\w+))?"', page)
+    assert first_include is not None
+    source = (ROOT / first_include.group(1)).read_text(encoding="utf-8")
+    if first_include.group(2):
+        start = f"# --8<-- [start:{first_include.group(2)}]"
+        assert start in source
+        source = source.split(start, 1)[1]
+    assert not source.lstrip().startswith(('"""', "'''")), "the home page's snippet opens with a docstring"
+
+
+def test_every_benchmarks_command_in_the_docs_uses_options_that_exist() -> None:
+    lines = [c for _, c in all_commands() if c.startswith("python -m benchmarks")]
+    assert lines
+    helps: dict[str, str] = {}
+    for command in lines:
+        words = shlex.split(command.split(" #", 1)[0])
+        sub = words[3]
+        if sub not in helps:
+            shown = subprocess.run(
+                [sys.executable, "-m", "benchmarks", sub, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+            )
+            assert shown.returncode == 0, shown.stderr
+            helps[sub] = shown.stdout
+        for word in words[4:]:
+            if word.startswith("--"):
+                assert word.split("=", 1)[0] in helps[sub], f"{command!r}: {word} is not an option"
