@@ -468,9 +468,8 @@ def test_every_benchmarks_command_in_the_docs_uses_options_that_exist() -> None:
         words = shlex.split(command.split(" #", 1)[0])
         sub = words[3]
         if sub not in helps:
-            shown = subprocess.run(
-                [sys.executable, "-m", "benchmarks", sub, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
-            )
+            command_line = [sys.executable, "-m", "benchmarks", sub, "--help"]
+            shown = subprocess.run(command_line, cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert shown.returncode == 0, shown.stderr
             helps[sub] = shown.stdout
         for word in words[4:]:

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("playwright.sync_api")
 
-from playwright.sync_api import Browser  # noqa: E402 - after the skip check
+from playwright.sync_api import Browser  # after the skip check
 
 pytestmark = pytest.mark.browser
 
