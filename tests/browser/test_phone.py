@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ def box(page: Page, selector: str) -> dict[str, float]:
 def rows(boxes: list[dict[str, float]]) -> int:
     """How many visual lines the boxes sit on (boxes whose vertical middles differ by under 8 px share one)."""
     middles = sorted(b["y"] + b["height"] / 2 for b in boxes)
-    return 1 + sum(1 for a, b in zip(middles, middles[1:], strict=False) if b - a > 8)
+    return 1 + sum(1 for a, b in itertools.pairwise(middles) if b - a > 8)
 
 
 def assert_tidy_header(page: Page) -> None:
