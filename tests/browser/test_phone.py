@@ -13,20 +13,20 @@ from .conftest import LiveServer
 
 pytest.importorskip("playwright.sync_api")
 
-from playwright.sync_api import Browser, Page, expect  # after the skip check
+from playwright.sync_api import Browser, FloatRect, Page, ViewportSize, expect  # after the skip check
 
 pytestmark = pytest.mark.browser
 
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 
 
-def box(page: Page, selector: str) -> dict[str, float]:
+def box(page: Page, selector: str) -> FloatRect:
     found = page.locator(selector).bounding_box()
     assert found is not None, f"{selector} is not visible"
     return found
 
 
-def rows(boxes: list[dict[str, float]]) -> int:
+def rows(boxes: list[FloatRect]) -> int:
     """How many visual lines the boxes sit on (boxes whose vertical middles differ by under 8 px share one)."""
     middles = sorted(b["y"] + b["height"] / 2 for b in boxes)
     return 1 + sum(1 for a, b in itertools.pairwise(middles) if b - a > 8)
