@@ -475,3 +475,103 @@ def test_every_benchmarks_command_in_the_docs_uses_options_that_exist() -> None:
         for word in words[4:]:
             if word.startswith("--"):
                 assert word.split("=", 1)[0] in helps[sub], f"{command!r}: {word} is not an option"
+
+
+# -- Python blocks written in the pages: each runs as a file --------------------------------------------------
+
+PY_BLOCK = re.compile(r"^( *)```\s*(?:python|\{ *\.python *\})\s*\n(.*?)^\1```", re.S | re.M)
+
+
+# The names the pages use for the reader's own values, and the page's earlier imports: a block runs in the
+# context a reader has reached on that page.
+PRELUDE = """\
+from starlette_pomo_ws import Settings as _Settings
+SECRET = "docs-secret-0123456789-0123456789-0123456789"
+app_settings = _Settings(jwt_secret=SECRET)
+"""
+IMPORT_LINE = re.compile(r"^(?:from \S+ import [^(\n]+|import [^\n]+)$", re.M)
+
+
+def python_blocks() -> list[tuple[str, int, str]]:
+    found = []
+    for page in [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]:
+        text = page.read_text(encoding="utf-8")
+        imports: list[str] = []
+        for match in PY_BLOCK.finditer(text):
+            code = textwrap.dedent(match.group(2))
+            if "--8<--" in code:  # included examples run in the tests above
+                continue
+            context = "\n".join(imports)
+            found.append((page.name, text[: match.start()].count("\n") + 1, f"{context}\n{code}" if context else code))
+            imports += [line for line in IMPORT_LINE.findall(code) if "__future__" not in line]
+    return found
+
+
+def is_module(code: str) -> bool:
+    try:
+        compile(code, "<block>", "exec", dont_inherit=True)
+    except SyntaxError:
+        return False
+    return True
+
+
+BLOCKS = python_blocks()
+
+
+@pytest.mark.parametrize(("page", "line", "code"), BLOCKS, ids=[f"{p}:{n}" for p, n, _ in BLOCKS])
+def test_every_python_block_in_the_docs_runs(page: str, line: int, code: str, tmp_path: Path) -> None:
+    """A whole block runs as a file (as a module, not `__main__`), next to the examples it may import.
+
+    A fragment (a line of a Do/Don't tab: `await ...` or `yield ...` out of context) cannot run alone: it must
+    at least compile as the body of an async function. A block that talks to the Quickstart's server on port
+    8000 runs against a real one, with a real token, until it prints the event it is meant to print.
+    """
+    from .cli_server import user_env
+
+    if not is_module(code):
+        body = "\n".join(line for line in code.splitlines() if not IMPORT_LINE.fullmatch(line))
+        wrapped = "async def fragment():\n" + textwrap.indent(body, "    ")
+        compile(wrapped, f"{page}:{line}", "exec", dont_inherit=True)
+        return
+    for example in EXAMPLES.glob("*.py"):
+        shutil.copy(example, tmp_path / example.name)
+    env = user_env()
+    for secret_file in re.findall(r'"/run/secrets/([\w.-]+)"', code):  # a key file the reader has
+        (tmp_path / "run" / "secrets").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / "secrets" / secret_file).write_text(SECRET + "\n", encoding="utf-8")
+    code = PRELUDE + code.replace('"/run/secrets/', f'"{tmp_path}/run/secrets/')
+    snippet = tmp_path / "snippet.py"
+    runner = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='snippet')", "snippet.py"]
+    if "127.0.0.1:8000" not in code or "asyncio.run(" not in code:
+        snippet.write_text(code, encoding="utf-8")
+        ran = subprocess.run(runner, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        missing = re.search(r"ModuleNotFoundError: No module named '([\w.]+)'", ran.stderr)
+        if missing and f"pip install {missing.group(1).replace('_', '-')}" in code:
+            pytest.skip(f"{page}:{line} needs {missing.group(1)}, which the block says to install")
+        assert ran.returncode == 0, f"docs/{page}:{line} failed:\n{ran.stderr}"
+        return
+    # A client that runs for ever: against the Quickstart's Starlette app, until it shows a task.
+    from .cli_server import uvicorn_cli
+
+    with uvicorn_cli(tmp_path, ["starlette_app:app", "--ws-per-message-deflate", "false"], env=env) as server:
+        live = code.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}").replace('token="..."', "token=TOKEN")
+        assert "token=TOKEN" in live, f"docs/{page}:{line}: the client's token is not a placeholder the test fills"
+        snippet.write_text(f"TOKEN = {make_token('alice')!r}\n" + live, encoding="utf-8")
+        with subprocess.Popen(runner, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as client:
+            try:
+                deadline = time.monotonic() + 20
+                while "connection open" not in server.output:  # uvicorn's line for an accepted socket
+                    assert client.poll() is None, client.communicate()[1].decode()
+                    assert time.monotonic() < deadline, "the client did not connect"
+                    time.sleep(0.02)
+                import httpx
+
+                task = {"title": "from the docs"}
+                url = f"http://127.0.0.1:{server.port}/tasks"
+                httpx.post(url, json=task, headers={"x-user-id": "alice"}).raise_for_status()
+                assert client.stdout is not None
+                printed = client.stdout.readline().decode()
+                assert printed.startswith("event TASK_CREATED") and "from the docs" in printed, printed
+            finally:
+                client.terminate()
+                client.communicate(timeout=10)
