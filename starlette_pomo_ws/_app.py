@@ -26,7 +26,7 @@ from ._auth import (
 from ._broadcaster import _NOT_STARTED, Broadcaster, fit_reason
 from ._connection import Connection
 from ._events import CursorSigner, iso_timestamp
-from ._lifespan import install_bare_route
+from ._lifespan import install_bare_route, route_from_scope, route_loaded_apps_soon, warn_if_unshared_in_workers
 from ._metrics import MetricsCollector
 from ._outbox import send_close
 from ._settings import Settings
@@ -42,6 +42,7 @@ logger = logging.getLogger("starlette_pomo_ws")
 
 OnMessage = Callable[[Connection, dict[str, Any]], Awaitable[None]]
 _MAX_STRIKES = 10
+_CLIENT_TYPES = ("PING", "REFRESH_TOKEN")  # the client message types handled here, without an on_message
 
 
 class PomoWS:
@@ -87,6 +88,8 @@ class PomoWS:
         self._metrics_collector: MetricsCollector | None = None
         self._metrics_registry: Any = None
         self._refusals = RefusalLog()
+        self._scope_routed = False
+        route_loaded_apps_soon(self)
 
     def __repr__(self) -> str:
         return f"PomoWS(settings={self.settings!r}, backend={self.broadcaster.backend!r})"
@@ -164,6 +167,7 @@ class PomoWS:
             self._starts -= 1
             raise
         logger.info("starlette-pomo-ws started (%r, node %s)", self.broadcaster.backend, self.broadcaster.node_id)
+        warn_if_unshared_in_workers(shared)
 
     async def stop(self) -> None:
         """Stop the broadcaster when the last `start()` is matched; close every socket with 1001."""
@@ -177,6 +181,9 @@ class PomoWS:
     # -- ASGI -----------------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._scope_routed:  # the bare path also fails loudly when the lifespan was forgotten
+            self._scope_routed = True
+            route_from_scope(scope, self)
         kind = scope["type"]
         if kind == "websocket":
             await self._websocket(scope, receive, send)
@@ -356,7 +363,8 @@ class PomoWS:
                 logger.exception("on_message failed for connection %s (user %r)", connection.id, connection.user_id)
                 _error(connection, "handler_error", "The server could not handle this message.")
         else:
-            _error(connection, "unknown_type", f"Unknown message type {type_[:64]!r}.")
+            accepted = " and ".join(_CLIENT_TYPES)
+            _error(connection, "unknown_type", f"Unknown message type {type_[:64]!r}; this server accepts {accepted}.")
 
     async def _refresh(self, connection: Connection, data: Any) -> None:
         token = data.get("token") if isinstance(data, dict) else None

@@ -3,11 +3,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import decimal
 import enum
 import hashlib
 import hmac
 import json
 import time
+import uuid
 from typing import Any, NamedTuple
 
 __all__ = ["Event", "EventType", "Position"]
@@ -87,29 +89,77 @@ def iso_timestamp(now: float | None = None) -> str:
     return f"{cache[1]}{micro // 1000:03d}Z"
 
 
-def _default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+_UTC = datetime.timezone.utc
+
+
+def _datetime(value: datetime.datetime) -> str:
+    """The wire timestamp's form: UTC, milliseconds, a `Z`; a naive datetime is taken to be UTC already."""
+    if value.tzinfo is not None and value.utcoffset() is not None:
+        value = value.astimezone(_UTC)
+    return value.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+
+
+def _decimal(value: decimal.Decimal) -> int | float:
+    # As FastAPI's jsonable_encoder: an integral Decimal is an int, any other a float.
+    exponent = value.as_tuple().exponent
+    return int(value) if isinstance(exponent, int) and exponent >= 0 else float(value)
+
+
+def _known(value: Any) -> tuple[bool, Any]:
+    """Convert the non-JSON types that every payload may hold; `(False, None)` for any other type."""
     if isinstance(value, datetime.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-            return value.isoformat(timespec="milliseconds") + "Z"
-        return value.isoformat(timespec="milliseconds")
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
+        return True, _datetime(value)
+    if isinstance(value, datetime.date):
+        return True, value.isoformat()
+    if isinstance(value, datetime.time):
+        return True, value.isoformat(timespec="milliseconds")
+    if isinstance(value, datetime.timedelta):
+        return True, value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return True, str(value)
+    if isinstance(value, decimal.Decimal):
+        return True, _decimal(value)
     if isinstance(value, enum.Enum):
-        return value.value
+        return True, value.value
     if isinstance(value, set | frozenset):
-        return list(value)
+        try:
+            return True, sorted(value)
+        except TypeError:  # mixed types: no order, but still a list
+            return True, list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return True, dataclasses.asdict(value)
     dump = getattr(value, "model_dump", None)  # pydantic v2
-    if callable(dump):
-        return dump(mode="json")
-    legacy = getattr(value, "dict", None)  # pydantic v1
-    if callable(legacy) and hasattr(value, "__fields__"):
-        return legacy()
+    if callable(dump) and hasattr(type(value), "model_fields"):
+        # The Python form, so that datetimes inside a model get the same form as anywhere else; the
+        # aliases, as FastAPI's responses use them.
+        return True, _from_model(dump(mode="python", by_alias=True))
+    return False, None
+
+
+def _from_model(value: Any) -> Any:
+    """A model's dump: our conversions, and pydantic's own JSON form for its types (URLs, secrets, bytes, ...)."""
+    if isinstance(value, dict):
+        return {key: _from_model(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_from_model(item) for item in value]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    known, converted = _known(value)
+    if known:
+        return _from_model(converted)
+    from pydantic_core import to_jsonable_python
+
+    return to_jsonable_python(value)
+
+
+def _default(value: Any) -> Any:
+    known, converted = _known(value)
+    if known:
+        return converted
     raise TypeError(
-        f"Object of type {type(value).__name__} is not JSON serializable; pass dicts, lists, strings, numbers, "
-        "dataclasses, datetimes or pydantic models."
+        f"Object of type {type(value).__name__} is not JSON serializable; event data may hold dicts, lists, "
+        "strings, numbers, booleans, None, datetime, date, time, timedelta, UUID, Decimal, Enum, set, "
+        "dataclasses and pydantic models (see the Quickstart's 'Broadcasting')."
     )
 
 

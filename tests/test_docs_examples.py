@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import importlib.metadata
 import inspect
+import json
 import re
+import shlex
+import shutil
+import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -256,3 +263,334 @@ async def test_ban_users(load_example: LoadExample, caplog: pytest.LogCaptureFix
                 await again.expect_close(1008, "Invalid authentication token")
         assert "user 'mallory' is banned" in caplog.text
         assert token not in caplog.text
+
+
+# -- shell lines: run as written, against a real uvicorn ----------------------------------------------------
+
+DOCS = ROOT / "docs"
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """The `$ ` commands of every console/bash block of a page, one list per block (continuations joined)."""
+    blocks = []
+    for match in re.finditer(r"^( *)```\s*(console|bash)\s*\n(.*?)^\1```", text, re.S | re.M):
+        lines = textwrap.dedent(match.group(3)).splitlines()
+        commands: list[str] = []
+        for line in lines:
+            if match.group(2) == "console" and not line.startswith("$ "):
+                if commands and commands[-1].endswith("\\"):
+                    commands[-1] = commands[-1][:-1] + line.strip()
+                continue
+            line = line.removeprefix("$ ")
+            if commands and commands[-1].endswith("\\"):
+                commands[-1] = commands[-1][:-1] + line.strip()
+            elif line.strip():
+                commands.append(line.strip())
+        blocks.append(commands)
+    return blocks
+
+
+def all_commands() -> list[tuple[str, str]]:
+    pages = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
+    return [(p.name, c) for p in pages for block in shell_commands(p.read_text(encoding="utf-8")) for c in block]
+
+
+def pip_requirements(command: str) -> list[Requirement]:
+    words = shlex.split(command.split(" #", 1)[0])
+    assert words[:2] == ["pip", "install"], command
+    requirements, skip = [], False
+    for word in words[2:]:
+        if skip or word.startswith("-"):
+            skip = word in ("-e", "-r", "-c")
+            continue
+        requirements.append(Requirement(word))
+    return requirements
+
+
+def test_every_pip_install_line_names_installable_distributions_and_a_websocket_capable_uvicorn() -> None:
+    """Each `pip install` in the docs resolves to distributions installed here (the suite's venv is built from
+    the same names), each extra exists, and uvicorn always comes with a WebSocket library."""
+    lines = [(page, c) for page, c in all_commands() if c.startswith("pip install")]
+    assert any("uvicorn" in c for _, c in lines)
+    ours = importlib.metadata.metadata("starlette-pomo-ws")
+    for page, command in lines:
+        for requirement in pip_requirements(command):
+            if requirement.name == "starlette-pomo-ws":
+                assert set(requirement.extras) <= set(ours.get_all("Provides-Extra") or []), (page, command)
+                continue
+            importlib.metadata.version(requirement.name)  # installed: the name is real
+            if requirement.name == "uvicorn":
+                assert "standard" in requirement.extras, f"{page}: {command!r} installs uvicorn without WebSockets"
+                needs = [Requirement(r) for r in importlib.metadata.requires("uvicorn") or []]
+                standard = [r.name for r in needs if r.marker is not None and r.marker.evaluate({"extra": "standard"})]
+                assert "websockets" in standard
+                importlib.metadata.version("websockets")
+
+
+def test_every_uvicorn_line_in_the_docs_is_a_valid_uvicorn_command() -> None:
+    from uvicorn.main import main as uvicorn_main
+
+    lines = [(page, c) for page, c in all_commands() if c.startswith("uvicorn ")]
+    assert len(lines) >= 5
+    for page, command in lines:
+        words = shlex.split(command.split(" #", 1)[0])[1:]
+        with uvicorn_main.make_context("uvicorn", words) as context:
+            assert context.params["app"], (page, command)
+            assert context.params["ws_per_message_deflate"] is False, f"{page}: {command!r} leaves compression on"
+
+
+QUICKSTART_FRAMEWORKS = ["fastapi", "starlette", "litestar"]
+
+
+def tab_block(text: str, needle: str) -> list[str]:
+    return next(block for block in shell_commands(text) if any(needle in command for command in block))
+
+
+def bash(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-ec", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("framework", QUICKSTART_FRAMEWORKS)
+def test_the_quickstart_runs_as_written(framework: str, tmp_path: Path) -> None:
+    """Save the tab's app, run the tab's commands, listen in two terminals, curl: both print the task."""
+    from .cli_server import free_port, user_env
+
+    page = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    module = f"{framework}_app"
+    assert f'--8<-- "docs/examples/{module}.py"' in page
+    shutil.copy(EXAMPLES / f"{module}.py", tmp_path / f"{module}.py")
+    env = user_env()
+    env.pop("POMO_WS_JWT_SECRET")
+    run_block = tab_block(page, f"uvicorn {module}:app")
+    port = free_port()
+    server_line = ""
+    for command in run_block:
+        if command.startswith("pip install"):
+            pip_requirements(command)  # checked by the test above: not installed again here
+        elif command.startswith("export "):
+            variable = command.removeprefix("export ").split("=", 1)[0]
+            exported = bash(f'{command}; echo "${{{variable}}}"', env, tmp_path)
+            assert exported.returncode == 0, exported.stderr
+            env[variable] = exported.stdout.strip()
+        elif command.startswith("uvicorn "):
+            server_line = command
+        else:
+            raise AssertionError(f"the test does not know how to run {command!r}")
+    assert len(env["POMO_WS_JWT_SECRET"]) >= 32
+    args = shlex.split(server_line)
+    with subprocess.Popen(
+        [*args, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            for line in server.stdout:
+                assert "No supported WebSocket library" not in line
+                if "Uvicorn running on" in line:
+                    break
+            socket_block = tab_block(page, "pomo-ws listen")
+            curl_block = tab_block(page, "curl ")
+            setup = [c for c in socket_block if not c.startswith(("export POMO_WS_JWT_SECRET=...", "pomo-ws listen"))]
+            listen = next(c for c in socket_block if c.startswith("pomo-ws listen"))
+            assert socket_block[0].startswith("export POMO_WS_JWT_SECRET=..."), "the second terminal needs the key"
+            script = "\n".join([*setup, "exec " + listen]).replace(":8000", f":{port}")
+            listeners = [
+                subprocess.Popen(
+                    ["bash", "-ec", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+                for _ in range(2)
+            ]
+            try:
+                for listener in listeners:
+                    assert listener.stdout is not None
+                    established = json.loads(listener.stdout.readline())
+                    assert (established["type"], established["userId"]) == ("CONNECTION_ESTABLISHED", "alice")
+                (curl,) = curl_block
+                assert curl.startswith("curl ")
+                posted = bash(curl.replace(":8000", f":{port}") + " --fail-with-body -sS", env, tmp_path)
+                assert posted.returncode == 0, f"{curl!r} failed: {posted.stdout} {posted.stderr}"
+                for listener in listeners:
+                    assert listener.stdout is not None
+                    event = json.loads(listener.stdout.readline())
+                    assert event["type"] == "TASK_CREATED" and event["data"]["title"] == "Write the docs"
+                    assert event["data"] == json.loads(posted.stdout)
+            finally:
+                for listener in listeners:
+                    listener.terminate()
+                    _, status = listener.communicate(timeout=10)  # and closes its pipes
+                    shown = re.findall(r"^-- .*$", page.split("pomo-ws listen ws://", 1)[1].split("```", 1)[0], re.M)
+                    assert shown and all(line.encode() in status for line in shown), (shown, status)
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
+
+
+# -- the docs site as a reader sees it ----------------------------------------------------------------------
+
+EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001faff]")
+
+
+def test_the_docs_use_no_emoji_that_render_as_boxes() -> None:
+    """✅/❌ and friends need an emoji font; icons come from mkdocs-material as inline SVG (`:material-check:`)."""
+    for page in DOCS.glob("*.md"):
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
+            assert not EMOJI.search(line), f"docs/{page.name}:{number} has an emoji: {line.strip()!r}"
+
+
+def test_the_docs_site_loads_no_web_fonts() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"^theme:\n(?:  .*\n)*?  font: false\b", config, re.M), "mkdocs.yml must set theme.font: false"
+
+
+def tab_groups(text: str) -> list[list[str]]:
+    """The titles of each set of content tabs (`=== "title"` at one indent, with only its content between)."""
+    groups: list[list[str]] = []
+    open_indent: int | None = None
+    for line in text.splitlines():
+        header = re.match(r'^( *)=== "([^"]+)"', line)
+        if header:
+            indent = len(header.group(1))
+            if open_indent == indent:
+                groups[-1].append(header.group(2))
+            else:
+                groups.append([header.group(2)])
+                open_indent = indent
+        elif line.strip() and open_indent is not None and len(line) - len(line.lstrip()) <= open_indent:
+            open_indent = None  # back at the tabs' level: the set ended
+    return groups
+
+
+def test_fastapi_is_the_first_tab_wherever_it_is_a_tab() -> None:
+    assert ["FastAPI", "Starlette", "Litestar"] in tab_groups((DOCS / "quickstart.md").read_text(encoding="utf-8"))
+    for page in [*DOCS.glob("*.md"), ROOT / "README.md"]:
+        for titles in tab_groups(page.read_text(encoding="utf-8")):
+            if "FastAPI" in titles:
+                assert titles[0] == "FastAPI", f"{page.name}: tabs {titles}"
+
+
+def test_the_home_page_opens_with_prose_then_the_app_not_a_docstring() -> None:
+    page = (DOCS / "index.md").read_text(encoding="utf-8")
+    first_include = re.search(r'--8<-- "(docs/examples/[\w.]+?)(?::(\w+))?"', page)
+    assert first_include is not None
+    source = (ROOT / first_include.group(1)).read_text(encoding="utf-8")
+    if first_include.group(2):
+        start = f"# --8<-- [start:{first_include.group(2)}]"
+        assert start in source
+        source = source.split(start, 1)[1]
+    assert not source.lstrip().startswith(('"""', "'''")), "the home page's snippet opens with a docstring"
+
+
+def test_every_benchmarks_command_in_the_docs_uses_options_that_exist() -> None:
+    lines = [c for _, c in all_commands() if c.startswith("python -m benchmarks")]
+    assert lines
+    helps: dict[str, str] = {}
+    for command in lines:
+        words = shlex.split(command.split(" #", 1)[0])
+        sub = words[3]
+        if sub not in helps:
+            command_line = [sys.executable, "-m", "benchmarks", sub, "--help"]
+            shown = subprocess.run(command_line, cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            helps[sub] = shown.stdout
+        for word in words[4:]:
+            if word.startswith("--"):
+                assert word.split("=", 1)[0] in helps[sub], f"{command!r}: {word} is not an option"
+
+
+# -- Python blocks written in the pages: each runs as a file --------------------------------------------------
+
+PY_BLOCK = re.compile(r"^( *)```\s*(?:python|\{ *\.python *\})\s*\n(.*?)^\1```", re.S | re.M)
+
+
+# The names the pages use for the reader's own values, and the page's earlier imports: a block runs in the
+# context a reader has reached on that page.
+PRELUDE = """\
+from starlette_pomo_ws import Settings as _Settings
+SECRET = "docs-secret-0123456789-0123456789-0123456789"
+app_settings = _Settings(jwt_secret=SECRET)
+"""
+IMPORT_LINE = re.compile(r"^(?:from \S+ import [^(\n]+|import [^\n]+)$", re.M)
+
+
+def python_blocks() -> list[tuple[str, int, str]]:
+    found = []
+    for page in [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]:
+        text = page.read_text(encoding="utf-8")
+        imports: list[str] = []
+        for match in PY_BLOCK.finditer(text):
+            code = textwrap.dedent(match.group(2))
+            if "--8<--" in code:  # included examples run in the tests above
+                continue
+            context = "\n".join(imports)
+            found.append((page.name, text[: match.start()].count("\n") + 1, f"{context}\n{code}" if context else code))
+            imports += [line for line in IMPORT_LINE.findall(code) if "__future__" not in line]
+    return found
+
+
+def is_module(code: str) -> bool:
+    try:
+        compile(code, "<block>", "exec", dont_inherit=True)
+    except SyntaxError:
+        return False
+    return True
+
+
+BLOCKS = python_blocks()
+
+
+@pytest.mark.parametrize(("page", "line", "code"), BLOCKS, ids=[f"{p}:{n}" for p, n, _ in BLOCKS])
+def test_every_python_block_in_the_docs_runs(page: str, line: int, code: str, tmp_path: Path) -> None:
+    """A whole block runs as a file (as a module, not `__main__`), next to the examples it may import.
+
+    A fragment (a line of a Do/Don't tab: `await ...` or `yield ...` out of context) cannot run alone: it must
+    at least compile as the body of an async function. A block that talks to the Quickstart's server on port
+    8000 runs against a real one, with a real token, until it prints the event it is meant to print.
+    """
+    from .cli_server import user_env
+
+    if not is_module(code):
+        body = "\n".join(line for line in code.splitlines() if not IMPORT_LINE.fullmatch(line))
+        wrapped = "async def fragment():\n" + textwrap.indent(body, "    ")
+        compile(wrapped, f"{page}:{line}", "exec", dont_inherit=True)
+        return
+    for example in EXAMPLES.glob("*.py"):
+        shutil.copy(example, tmp_path / example.name)
+    env = user_env()
+    for secret_file in re.findall(r'"/run/secrets/([\w.-]+)"', code):  # a key file the reader has
+        (tmp_path / "run" / "secrets").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / "secrets" / secret_file).write_text(SECRET + "\n", encoding="utf-8")
+    code = PRELUDE + code.replace('"/run/secrets/', f'"{tmp_path}/run/secrets/')
+    snippet = tmp_path / "snippet.py"
+    runner = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='snippet')", "snippet.py"]
+    if "127.0.0.1:8000" not in code or "asyncio.run(" not in code:
+        snippet.write_text(code, encoding="utf-8")
+        ran = subprocess.run(runner, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        missing = re.search(r"ModuleNotFoundError: No module named '([\w.]+)'", ran.stderr)
+        if missing and f"pip install {missing.group(1).replace('_', '-')}" in code:
+            pytest.skip(f"{page}:{line} needs {missing.group(1)}, which the block says to install")
+        assert ran.returncode == 0, f"docs/{page}:{line} failed:\n{ran.stderr}"
+        return
+    # A client that runs for ever: against the Quickstart's Starlette app, until it shows a task.
+    from .cli_server import uvicorn_cli
+
+    with uvicorn_cli(tmp_path, ["starlette_app:app", "--ws-per-message-deflate", "false"], env=env) as server:
+        live = code.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}").replace('token="..."', "token=TOKEN")
+        assert "token=TOKEN" in live, f"docs/{page}:{line}: the client's token is not a placeholder the test fills"
+        snippet.write_text(f"TOKEN = {make_token('alice')!r}\n" + live, encoding="utf-8")
+        with subprocess.Popen(runner, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as client:
+            try:
+                deadline = time.monotonic() + 20
+                while "connection open" not in server.output:  # uvicorn's line for an accepted socket
+                    assert client.poll() is None, client.communicate()[1].decode()
+                    assert time.monotonic() < deadline, "the client did not connect"
+                    time.sleep(0.02)
+                import httpx
+
+                task = {"title": "from the docs"}
+                url = f"http://127.0.0.1:{server.port}/tasks"
+                httpx.post(url, json=task, headers={"x-user-id": "alice"}).raise_for_status()
+                assert client.stdout is not None
+                printed = client.stdout.readline().decode()
+                assert printed.startswith("event TASK_CREATED") and "from the docs" in printed, printed
+            finally:
+                client.terminate()
+                client.communicate(timeout=10)

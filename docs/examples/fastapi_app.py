@@ -1,8 +1,9 @@
 """FastAPI: the same two lines; handlers get the broadcaster with `Depends(get_broadcaster)`.
 
-Run it with `POMO_WS_JWT_SECRET=... uvicorn fastapi_app:app`.
+Run it with `POMO_WS_JWT_SECRET=... uvicorn fastapi_app:app --ws-per-message-deflate false`.
 """
 
+# --8<-- [start:app]
 from __future__ import annotations
 
 import uuid
@@ -37,3 +38,6 @@ async def create_task(
     task = Task(id=str(uuid.uuid4()), title=body.title)
     await broadcaster.broadcast_to_user(x_user_id, EventType.TASK_CREATED, task)  # pydantic models are converted
     return task
+
+
+# --8<-- [end:app]

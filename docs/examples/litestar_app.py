@@ -1,6 +1,6 @@
 """Litestar: the plugin adds the mount, the lifespan, `request.state.broadcaster` and a `broadcaster` dependency.
 
-Run it with `POMO_WS_JWT_SECRET=... uvicorn litestar_app:app`.
+Run it with `POMO_WS_JWT_SECRET=... uvicorn litestar_app:app --ws-per-message-deflate false`.
 """
 
 from __future__ import annotations

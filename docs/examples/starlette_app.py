@@ -1,6 +1,6 @@
 """Starlette: the two lines, and an endpoint that broadcasts to every tab of the user.
 
-Run it with `POMO_WS_JWT_SECRET=<at least 32 random bytes> uvicorn starlette_app:app`.
+Run it with `POMO_WS_JWT_SECRET=<at least 32 random bytes> uvicorn starlette_app:app --ws-per-message-deflate false`.
 """
 
 from __future__ import annotations

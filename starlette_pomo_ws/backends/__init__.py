@@ -41,7 +41,10 @@ def create_backend(settings: Settings) -> Backend:
             history_ttl=settings.history_ttl,
             min_replicas=settings.redis_min_replicas,
         )
-    raise ConfigurationError(f"Setting 'backend_url': unsupported backend {redact_url(url)!r}.")
+    raise ConfigurationError(
+        f"Setting 'backend_url': unsupported backend {redact_url(url)!r}; use memory:// (one process), "
+        "redis://host:port/db, rediss://host:port/db or redis+sentinel://host:port,host:port/service/db."
+    )
 
 
 def __getattr__(name: str) -> object:

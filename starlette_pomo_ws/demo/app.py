@@ -23,8 +23,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import PomoWS, Settings
+from .. import Broadcaster, PomoWS, Settings
 from .._auth import JWTAuthenticator
+from .._connection import Connection
 from .._types import ASGIApp, Receive, Scope, Send
 from ..exceptions import AuthenticationError, BackendUnavailable
 from .store import SESSION_TYPES, TASK_STATUSES, Store
@@ -107,6 +108,32 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+async def relay_notification(broadcaster: Broadcaster, connection: Connection, message: dict[str, Any]) -> None:
+    """The guide's test step: a `NOTIFICATION` a client sends reaches every tab of its own user, and no one else.
+
+    The message's own `userId` and `timestamp` are ignored: a client may only notify itself.
+    """
+    if message["type"] != "NOTIFICATION":
+        await connection.send(
+            "ERROR",
+            {
+                "code": "unknown_type",
+                "message": f"Unknown message type {message['type'][:64]!r}; the demo accepts PING, REFRESH_TOKEN "
+                "and NOTIFICATION.",
+            },
+        )
+        return
+    data = message.get("data")
+    text = data.get("message") if isinstance(data, dict) else None
+    if not isinstance(text, str) or len(text) > 500:
+        await connection.send(
+            "ERROR",
+            {"code": "invalid_notification", "message": "NOTIFICATION needs data.message, at most 500 characters."},
+        )
+        return
+    await broadcaster.broadcast_to_user(connection.user_id, "NOTIFICATION", {"message": text})
+
+
 def create_app(
     settings: Settings | None = None,
     db_path: str | os.PathLike[str] = DEFAULT_DB_PATH,
@@ -128,7 +155,11 @@ def create_app(
     """
     settings, _ = dev_settings(settings)
     store = Store(db_path)
-    pomo = PomoWS(settings)
+
+    async def on_message(connection: Connection, message: dict[str, Any]) -> None:
+        await relay_notification(pomo.broadcaster, connection, message)
+
+    pomo = PomoWS(settings, on_message=on_message)
     check_token = JWTAuthenticator(settings).decode  # the API refuses exactly what the WebSocket refuses
     logger.warning(
         "Demo: POST /api/login issues a token for any name to anyone who can reach this server; never expose it. "

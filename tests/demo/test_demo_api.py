@@ -458,3 +458,27 @@ async def test_two_demo_nodes_on_one_redis_share_events(tmp_path: Path, redis_ur
         assert (event["type"], event["data"]) == ("TASK_CREATED", task)
         await client.close()
         await events.aclose()
+
+
+async def test_a_client_notification_reaches_the_senders_tabs_only(app: Starlette) -> None:
+    """The guide's wscat step: send a NOTIFICATION, and every tab of that user shows it."""
+    async with serve(app) as client, socket(client, "ann") as tab1, socket(client, "ann") as tab2:
+        async with socket(client, "bob") as other:
+            guide_message = {
+                "type": "NOTIFICATION",
+                "userId": "bob",  # ignored: a client notifies only itself
+                "data": {"message": "Test message"},
+                "timestamp": "2025-01-06T12:00:00.000Z",
+            }
+            await tab1.send_json(guide_message)
+            for tab in (tab1, tab2):
+                event = await receive(tab, "NOTIFICATION")
+                assert (event["userId"], event["data"]) == ("ann", {"message": "Test message"})
+            await tab1.send_json({"type": "NOTIFICATION", "data": {}})
+            error = await receive(tab1, "ERROR")
+            assert error["data"]["code"] == "invalid_notification"
+            await tab1.send_json({"type": "TASK_CREATED"})
+            error = await receive(tab1, "ERROR")
+            assert error["data"]["code"] == "unknown_type" and "NOTIFICATION" in error["data"]["message"]
+            await other.send_json({"type": "PING"})
+            assert (await receive(other))["type"] == "PONG", "bob got nothing of ann's"

@@ -14,6 +14,8 @@ function log(kind, text, attrs = {}) {
 if (!currentUser()) {
   $("#need-login").hidden = false;
 } else {
+  // The buttons start disabled in the page, so that a logged-out visitor cannot press them.
+  for (const button of document.querySelectorAll(".buttons button")) button.disabled = false;
   $("#user").textContent = currentUser();
   const socket = createSocket();
   socket.on("status", (status, detail) => log("status", `status: ${status}${detail && detail.delay !== undefined ? ` (retry in ${detail.delay} ms)` : ""}`, { status }));
