@@ -275,7 +275,13 @@ class Broadcaster:
             if self.registry.user_count(connection.user_id) >= limit:
                 return False
         else:
-            count = await self.backend.add_presence(self.node_id, connection.user_id, connection.id)
+            try:
+                count = await self.backend.add_presence(self.node_id, connection.user_id, connection.id)
+            except BaseException:
+                # It may be recorded although the call failed (a lost reply, an error after the write):
+                # undo it, whatever the error, or it would count against the user until it expires.
+                _ = self._spawn(self.backend.remove_presence(self.node_id, connection.user_id, connection.id))
+                raise
             if count > limit:
                 await self.backend.remove_presence(self.node_id, connection.user_id, connection.id)
                 return False

@@ -133,6 +133,14 @@ def _known(value: Any) -> tuple[bool, Any]:
         # The Python form, so that datetimes inside a model get the same form as anywhere else; the
         # aliases, as FastAPI's responses use them.
         return True, _from_model(dump(mode="python", by_alias=True))
+    legacy = getattr(value, "dict", None)  # pydantic v1 (and pydantic.v1 models)
+    if (
+        callable(legacy)
+        and not isinstance(value, type)
+        and not hasattr(type(value), "model_fields")
+        and hasattr(value, "__fields__")
+    ):
+        return True, _from_model(legacy())
     return False, None
 
 

@@ -84,11 +84,15 @@ class FlakyBackend(MemoryBackend):
         self.fail_position = False
         self.fail_publish = False
         self.removed: list[str] = []
+        self.fail_after_recording = False
 
     async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
         if self.fail_presence:
             raise BackendUnavailable("presence is down")
-        return await super().add_presence(node_id, user_id, connection_id)
+        count = await super().add_presence(node_id, user_id, connection_id)
+        if self.fail_after_recording:  # recorded, then the reply is lost: any error, not only BackendUnavailable
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return count
 
     async def remove_presence(self, node_id: str, user_id: str, connection_id: str) -> None:
         self.removed.append(connection_id)
@@ -103,6 +107,21 @@ class FlakyBackend(MemoryBackend):
         if self.fail_publish:
             raise BackendUnavailable("publish is down")
         return await super().publish(user_id, head)
+
+
+async def test_a_presence_that_fails_after_recording_is_undone() -> None:
+    """Whatever the error, a refused handshake leaves no presence entry behind (it would count forever)."""
+    backend = FlakyBackend()
+    backend.fail_after_recording = True
+    pomo = PomoWS(make_settings(cursor_secret="c" * 32), backend=backend)
+    async with LifespanManager(make_app(pomo)) as manager:
+        ws = Socket(manager.app, "/ws", {"token": make_token()})
+        await ws.next()
+        assert (await ws.next())["code"] == 1011
+        await ws.finished()
+        if pomo.broadcaster._tasks:  # the undo runs in the background
+            await asyncio.wait(set(pomo.broadcaster._tasks), timeout=5)
+        assert await pomo.broadcaster.cluster_user_connection_count("u1") == 0
 
 
 async def test_backend_failures_during_a_handshake_close_with_1011_and_count() -> None:

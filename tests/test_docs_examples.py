@@ -594,3 +594,18 @@ def test_every_python_block_in_the_docs_runs(page: str, line: int, code: str, tm
             finally:
                 client.terminate()
                 client.communicate(timeout=10)
+
+
+@pytest.mark.anyio
+async def test_daphne_app(load_example: LoadExample) -> None:
+    """Served as daphne serves it (no lifespan events), `pomo.wrap(app)` starts the lifespan on first use."""
+    import httpx
+
+    module = load_example("daphne_app")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=module.app), base_url="http://test") as bare:
+        assert "error" in (await bare.get("/ws/health")).json()  # the bare app: nothing started it
+    transport = httpx.ASGITransport(app=module.application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        body = (await client.get("/ws/health")).json()
+    assert body["status"] == "ok" and "error" not in body
+    assert module.pomo.broadcaster.running

@@ -176,7 +176,7 @@ async def test_a_failover_keeps_sockets_and_every_acknowledged_event_or_resyncs(
     await sentinels.ready()
     backend = RedisBackend(sentinels.url, socket_timeout=0.5, heartbeat_interval=0.5, min_replicas=min_replicas)
     timeout = backend._op_timeout
-    pomo = PomoWS(make_settings(cursor_secret="shared-by-every-node"), backend=backend)
+    pomo = PomoWS(make_settings(cursor_secret="shared-by-every-node-0123456789abcdef"), backend=backend)
     async with run_server(make_app(pomo)) as server, httpx.AsyncClient(base_url=server.http) as http:
         readers = {user: Reader(server.url, user) for user in ("u1", "u2")}
         returned: dict[str | None, list[int]] = {"u1": [], "u2": [], None: []}
