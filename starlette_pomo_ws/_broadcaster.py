@@ -8,7 +8,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._connection import Connection
@@ -27,6 +27,7 @@ from ._events import (
 from ._metrics import Stats
 from ._outbox import Outbox
 from ._registry import Registry
+from ._types import Message
 from .backends.base import Backend, Record
 from .exceptions import BackendUnavailable, NotStartedError
 
@@ -197,10 +198,7 @@ class Broadcaster:
         # One context for the whole fan-out: a wrapper around a server's `send` that sets a context
         # variable and is paused in the middle leaves it there, not in the publisher's context.
         context = contextvars.copy_context()
-        sent = 0
-        for connection in connections:
-            if connection.deliver(message, size, seq, context):
-                sent += 1
+        sent = context.run(_fan_out, connections, message, size, seq, context)
         stats = self.stats
         stats.messages_sent += sent  # the writers of backed-up sockets count their own
         stats.bytes_sent += sent * size
@@ -479,7 +477,7 @@ class Broadcaster:
         limit = self.settings.send_timeout
         for outbox in tuple(self.backed_up):
             if now - outbox.blocked_since > limit:
-                outbox.on_too_slow()
+                outbox._too_slow()
 
     def _check_expiries(self, now: float) -> None:
         heap = self._expiries
@@ -521,6 +519,17 @@ class Broadcaster:
             "users": self.registry.users,
         }
         return (200 if self._accepting else 503), body
+
+
+def _fan_out(
+    connections: Iterable[Connection], message: Message, size: int, seq: int, context: contextvars.Context
+) -> int:
+    """Hand one event to each connection, inside `context`; return how many sent it at once."""
+    sent = 0
+    for connection in connections:
+        if connection.put(message, size, seq, context):
+            sent += 1
+    return sent
 
 
 def _text(text: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._events import protocol_message, wire_size
-from ._outbox import Outbox
+from ._outbox import ALWAYS, Outbox
 from ._types import Message, Scope, Send
 
 if TYPE_CHECKING:
@@ -25,8 +25,8 @@ logger = logging.getLogger("starlette_pomo_ws")
 _ids = itertools.count(1)
 
 
-class Connection:
-    """One accepted WebSocket: who it is, where its events go, and its limits.
+class Connection(Outbox):
+    """One accepted WebSocket: who it is, where its events go (it is the socket's `Outbox`), and its limits.
 
     `on_message` handlers receive this object: use `user_id`, `principal`, `id`, `scope` and
     `await send(type, data)`. Everything else is the package's own.
@@ -47,12 +47,10 @@ class Connection:
         "_close_reason",
         "_closing",
         "_dead",
-        "_floor",
         "_last_sent",
-        "_outbox",
-        "_pending",
         "_reader",
         "_released",
+        "_started",
         "_strikes",
         "_woken",
         "expires_at",
@@ -64,6 +62,7 @@ class Connection:
     )
 
     def __init__(self, broadcaster: Broadcaster, principal: Principal, send: Send, scope: Scope) -> None:
+        super().__init__(send, broadcaster.settings.send_queue_size, broadcaster.stats, broadcaster.backed_up)
         self._broadcaster = broadcaster
         settings = broadcaster.settings
         self.scope = scope
@@ -72,17 +71,7 @@ class Connection:
         self.id = f"{broadcaster.node_id}-{next(_ids)}"
         self.expires_at = principal.expires_at
         self.expiry_token = -1  # the broadcaster's handle on this connection's token timers
-        self._outbox = Outbox(
-            send,
-            settings.send_queue_size,
-            broadcaster.stats,
-            broadcaster.backed_up,
-            self._failed,
-            self._too_slow,
-        )
-        # Until establish(): live events wait here with their seq, to be merged behind the replay.
-        self._pending: list[tuple[int, Message, int]] | None = []
-        self._floor = 0  # events at or below this seq were sent in the replay (the resume seam)
+        self._started = False
         self._last_sent = time.monotonic()
         self._close_code = 1006  # until a close says otherwise: the peer vanished
         self._close_reason = ""
@@ -112,43 +101,19 @@ class Connection:
         text = protocol_message(type, self.user_id, data)
         self._last_sent = time.monotonic()
         size = wire_size(text)
-        if self._outbox.put({"type": "websocket.send", "text": text}, size, contextvars.copy_context()):
-            self._outbox.count(size)
-
-    def deliver(self, message: Message, size: int, seq: int, context: contextvars.Context) -> bool:
-        """Hand over one fanned-out event; True when it went out at once (the fan-out counts those)."""
-        if seq <= self._floor:
-            return False  # already sent in the replay
-        pending = self._pending
-        if pending is None:
-            return self._outbox.put(message, size, context)
-        if len(pending) >= self._broadcaster.settings.send_queue_size:
-            self.abort(1013, "Client too slow")
-        else:
-            pending.append((seq, message, size))
-        return False
+        context = contextvars.copy_context()
+        if context.run(self.put, {"type": "websocket.send", "text": text}, size, ALWAYS, context):
+            self.count(size)
 
     def establish(self, messages: Iterable[Message], upto: int) -> None:
         """Send CONNECTION_ESTABLISHED and the replay (events up to seq `upto`), then the live events."""
-        pending, self._pending = self._pending, None
-        if self._released or pending is None:
-            return
+        self._started = True
         context = contextvars.copy_context()
-        outbox = self._outbox
-        for message in messages:
-            size = wire_size(message["text"])
-            if outbox.put(message, size, context):
-                outbox.count(size)
-        for seq, message, size in pending:
-            if seq > upto:
-                if outbox.put(message, size, context):
-                    outbox.count(size)
-                upto = seq
-        self._floor = upto
+        context.run(self.start, [(m, wire_size(m["text"])) for m in messages], upto, context)
 
     @property
     def established(self) -> bool:
-        return self._pending is None and not self._released
+        return self._started and not self._released
 
     @property
     def released(self) -> bool:
@@ -207,10 +172,10 @@ class Connection:
         self._close_code, self._close_reason = 1001, "Server shutting down"
         self.release()
         with contextlib.suppress(BaseException):
-            await self._outbox.close(1001, "Server shutting down", min(1.0, self._broadcaster.settings.send_timeout))
+            await self.close_frame(1001, "Server shutting down", min(1.0, self._broadcaster.settings.send_timeout))
 
     async def _close(self) -> None:
-        sent = await self._outbox.close(self._close_code, self._close_reason, self._broadcaster.settings.send_timeout)
+        sent = await self.close_frame(self._close_code, self._close_reason, self._broadcaster.settings.send_timeout)
         if not sent:
             # The peer does not read: stop waiting on it, so that the server drops the transport.
             self._wake_reader()
@@ -220,8 +185,7 @@ class Connection:
         if self._released:
             return
         self._released = True
-        self._pending = None
-        self._outbox.stop()
+        self.stop()
         self._broadcaster.forget(self)
 
     def disconnected(self, code: int) -> None:

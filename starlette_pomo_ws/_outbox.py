@@ -25,98 +25,92 @@ import contextvars
 import logging
 import time
 import types
-from collections.abc import Awaitable, Callable, Generator, Iterator
+from collections.abc import Awaitable, Generator, Iterator
 from typing import Any
 
 from ._metrics import Stats
 from ._types import Message, Send
 
-__all__ = ["Outbox", "send_close"]
+__all__ = ["ALWAYS", "Outbox", "send_close"]
 
 logger = logging.getLogger("starlette_pomo_ws")
 
 _DONE: Any = object()
+ALWAYS = 1 << 62  # the seq of the server's own messages: never below a resume's replay
 
 
 class Outbox:
     """Sends one socket's messages in order, without ever making the caller wait.
 
+    `Connection` is an `Outbox` with a user: the fan-out calls `put()` on each connection directly.
+    Until `start()`, messages wait (the connection is still being established); `seq` numbers at or
+    below the `start()` position were in the replay of a resume, and are not sent twice.
+
     Args:
         send: the server's ASGI `send` for this socket.
-        limit: how many messages may wait behind a paused send before `on_too_slow` is called.
-        counters: where sent messages and bytes are counted, once each, when they really go out.
-        backed_up: the set of outboxes that have a writer (the ticker checks their progress).
-        on_failure: called with the exception when the transport fails under a send.
-        on_too_slow: called when the backlog is full (and by the ticker after `send_timeout`).
+        limit: how many messages may wait behind a paused send before the client counts as too slow.
+        stats: where messages and bytes that go out later are counted (`put()`'s caller counts the rest).
+        backed_up: the outboxes that have a writer task; the ticker checks that they make progress.
     """
 
-    __slots__ = (
-        "_backed_up",
-        "_backlog",
-        "_counters",
-        "_limit",
-        "_on_failure",
-        "_send",
-        "_writer",
-        "blocked_since",
-        "closed",
-        "on_too_slow",
-    )
+    __slots__ = ("_backed_up", "_backlog", "_floor", "_limit", "_open", "_send", "_stats", "_writer", "blocked_since")
 
-    def __init__(
-        self,
-        send: Send,
-        limit: int,
-        counters: Stats,
-        backed_up: dict[Outbox, None],
-        on_failure: Callable[[BaseException], None],
-        on_too_slow: Callable[[], None],
-    ) -> None:
+    def __init__(self, send: Send, limit: int, stats: Stats, backed_up: dict[Outbox, None]) -> None:
         self._send = send
         self._limit = limit
-        self._counters = counters
+        self._stats = stats
         self._backed_up = backed_up
-        self._on_failure = on_failure
-        self.on_too_slow = on_too_slow
-        # None while the socket keeps up; a deque while a writer task owns the socket.
-        self._backlog: collections.deque[tuple[Message, int]] | None = None
+        # None while the socket keeps up. A deque while messages wait: before start(), behind a paused
+        # send (then a writer task owns the socket), or (empty) once stopped.
+        self._backlog: collections.deque[tuple[Message, int, int]] | None = collections.deque()
+        self._floor = 0  # messages with a seq at or below this went out in the replay
+        self._open = True
         self._writer: asyncio.Task[None] | None = None
         self.blocked_since = 0.0  # when the writer last started a send
-        self.closed = False
+
+    # Overridden by Connection.
+    def _failed(self, exc: BaseException) -> None:
+        """The transport failed under a send."""
+
+    def _too_slow(self) -> None:
+        """The backlog is full, or a send waited longer than `send_timeout` (the ticker calls this)."""
 
     @property
     def backed_up(self) -> bool:
         """Whether a writer task owns the socket (a send is paused, or messages wait behind one)."""
-        return self._backlog is not None
+        return self._writer is not None
 
-    def put(self, message: Message, size: int, context: contextvars.Context) -> bool:
+    def put(self, message: Message, size: int, seq: int, context: contextvars.Context) -> bool:
         """Send `message` now if the socket keeps up, else queue it behind the writer. Never waits.
+
+        The caller runs this inside `context` (a fan-out runs its whole loop in one copy); a send
+        that does not finish at once goes on in that same context.
 
         Args:
             message: the ASGI `websocket.send` message (the same dict for every socket of a fan-out).
-            size: its size on the wire, in bytes of UTF-8, counted when it goes out.
-            context: the context the send runs in (a fan-out passes one copy for all its sockets).
+            size: its size on the wire, in bytes of UTF-8.
+            seq: the event's place in the total order (`ALWAYS` for the server's own messages).
+            context: the context this call runs in.
 
         Returns:
-            True when the message went out at once; the caller counts those (a fan-out adds them
-            up once per event). Messages that go out later are counted by the writer.
+            True when the message went out at once: the caller counts those (a fan-out adds them up
+            once per event). The writer counts the messages that go out later.
         """
+        if seq <= self._floor:
+            return False  # already sent, in the replay of a resume
         backlog = self._backlog
         if backlog is not None:
-            if self.closed:
-                return False
-            if len(backlog) >= self._limit:
-                self.on_too_slow()
-            else:
-                backlog.append((message, size))
-            return False
-        if self.closed:
+            if self._open:
+                if len(backlog) >= self._limit:
+                    self._too_slow()
+                else:
+                    backlog.append((message, size, seq))
             return False
         try:
             sending = self._send(message).__await__()
-            yielded = context.run(next, sending, _DONE)
+            yielded = next(sending, _DONE)
         except Exception as exc:
-            self._on_failure(exc)
+            self._failed(exc)
             return False
         if yielded is _DONE:
             return True
@@ -127,10 +121,30 @@ class Outbox:
         self._writer = asyncio.ensure_future(self._write(_rest_of(context, sending, yielded), size))
         return False
 
+    def start(self, messages: list[tuple[Message, int]], upto: int, context: contextvars.Context) -> None:
+        """Send `messages` (the handshake's, and a resume's replay up to seq `upto`), then what waited.
+
+        The caller runs this inside `context`.
+        """
+        waiting, self._backlog = self._backlog, None
+        if not self._open or waiting is None:
+            self._backlog = collections.deque()
+            return
+        for message, size in messages:
+            if self.put(message, size, ALWAYS, context):
+                self.count(size)
+        for message, size, seq in waiting:
+            if seq > upto:  # events that were not in the replay, and the server's own messages
+                if self.put(message, size, ALWAYS, context):
+                    self.count(size)
+                if seq != ALWAYS:
+                    upto = seq
+        self._floor = upto
+
     def count(self, size: int) -> None:
-        counters = self._counters
-        counters.messages_sent += 1
-        counters.bytes_sent += size
+        stats = self._stats
+        stats.messages_sent += 1
+        stats.bytes_sent += size
 
     async def _write(self, paused: Awaitable[None], size: int) -> None:
         """The writer task: finish the paused send, then drain the backlog; then the socket is free again."""
@@ -140,31 +154,31 @@ class Outbox:
             backlog = self._backlog
             send = self._send
             while backlog:
-                message, size = backlog.popleft()
+                message, size, _ = backlog.popleft()
                 self.blocked_since = time.monotonic()
                 await send(message)
                 self.count(size)
-            self._backlog = None  # caught up: from now on put() sends at once again
+            if self._open:
+                self._backlog = None  # caught up: from now on put() sends at once again
         except asyncio.CancelledError:
-            pass  # cancelled by close(): the connection is closing
+            pass  # cancelled by stop(): the connection is closing
         except Exception as exc:
-            self._on_failure(exc)
+            self._failed(exc)
         finally:
             self._writer = None
             self._backed_up.pop(self, None)
 
     def stop(self) -> None:
         """Send nothing more: drop what waits, and stop the writer's paused send (safe: it wrote nothing yet)."""
-        self.closed = True
-        if self._backlog is not None:
-            self._backlog.clear()
+        self._open = False
+        self._backlog = collections.deque()  # never None again: put() drops everything
         # Here, not only in the writer's `finally`: a writer cancelled before its first step never runs.
         self._backed_up.pop(self, None)
         writer = self._writer
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()
 
-    async def close(self, code: int, reason: str, timeout: float) -> bool:
+    async def close_frame(self, code: int, reason: str, timeout: float) -> bool:
         """Stop, then send the close frame once the socket takes it, within `timeout` seconds in all.
 
         What was already written (the server's and the kernel's buffers) reaches a client that reads

@@ -54,6 +54,21 @@ class FutureLike:
         return False
 
 
+class Recording(Outbox):
+    """An outbox that records what its connection would act on."""
+
+    def __init__(self, send: Any, limit: int, stats: Stats, backed_up: dict[Outbox, None]) -> None:
+        super().__init__(send, limit, stats, backed_up)
+        self.failures: list[BaseException] = []
+        self.too_slow = 0
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures.append(exc)
+
+    def _too_slow(self) -> None:
+        self.too_slow += 1
+
+
 def bare_yield() -> Generator[None, None, None]:
     yield None  # what `asyncio.sleep(0)` yields: "run me again soon"
 
@@ -82,16 +97,19 @@ async def test_any_awaitable_delivers_every_message_in_order_and_counts_bytes(ki
 
     stats = Stats()
     backed_up: dict[Outbox, None] = {}
-    failures: list[BaseException] = []
-    outbox = Outbox(send, 100, stats, backed_up, failures.append, lambda: failures.append(OverflowError()))
+    outbox = Recording(send, 100, stats, backed_up)
     context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
     texts = [f"message {n} é" for n in range(20)]
-    at_once = sum(outbox.put({"type": "websocket.send", "text": t}, len(t.encode()), context) for t in texts)
+    at_once = sum(
+        context.run(outbox.put, {"type": "websocket.send", "text": t}, len(t.encode()), n + 1, context)
+        for n, t in enumerate(texts)
+    )
     for t in texts[:at_once]:
         outbox.count(len(t.encode()))
     await wait_until(lambda: not outbox.backed_up, what="the writer to drain")
     assert written == texts
-    assert failures == []
+    assert outbox.failures == [] and outbox.too_slow == 0
     assert not backed_up
     assert (stats.messages_sent, stats.bytes_sent) == (20, sum(len(t.encode()) for t in texts))
     assert at_once == (20 if kind == "coroutine" else 0)
@@ -105,12 +123,12 @@ async def test_a_full_backlog_calls_too_slow_and_nothing_more_is_sent() -> None:
         written.append(message["text"])
         return FutureLike(loop)
 
-    too_slow: list[bool] = []
-    outbox = Outbox(send, 3, Stats(), {}, lambda exc: None, lambda: too_slow.append(True))
+    outbox = Recording(send, 3, Stats(), {})
     context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
     for n in range(5):
-        outbox.put({"type": "websocket.send", "text": str(n)}, 1, context)
-    assert too_slow == [True]  # the first is in flight, three wait, the fifth overflows
+        context.run(outbox.put, {"type": "websocket.send", "text": str(n)}, 1, n + 1, context)
+    assert outbox.too_slow == 1  # the first is in flight, three wait, the fifth overflows
     outbox.stop()
     await asyncio.sleep(0.01)
     assert written == ["0"]
