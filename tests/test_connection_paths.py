@@ -152,9 +152,9 @@ class Point:
 
 def test_data_conversions() -> None:
     naive = datetime.datetime(2025, 1, 6, 12, 0, 0, 123000)
-    assert dumps(naive) == '"2025-01-06T12:00:00.123"'
+    assert dumps(naive) == '"2025-01-06T12:00:00.123Z"'  # a naive datetime is taken as UTC (#14)
     assert dumps(datetime.date(2025, 1, 6)) == '"2025-01-06"'
-    assert dumps(datetime.time(12, 30)) == '"12:30:00"'
+    assert dumps(datetime.time(12, 30)) == '"12:30:00.000"'
     assert dumps(Colour.RED) == '"red"'
     assert dumps({1}) == "[1]"
     assert dumps(LegacyModel()) == '{"x":1}'
