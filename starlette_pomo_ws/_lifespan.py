@@ -92,10 +92,13 @@ def route_from_scope(scope: Scope, pomo: PomoWS) -> None:
 
 
 def route_loaded_apps_soon(pomo: PomoWS) -> None:
-    """When made inside a running event loop, route the bare path of module-level apps once the import is done."""
+    """When a server imports the app inside its running event loop, route the bare path of module-level apps
+    once the import is done. Only under a server we know (a scan of the loaded modules takes some 30 ms)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
+        return
+    if server_workers(sys.argv, os.environ) is None:
         return
     loop.call_soon(route_loaded_apps, pomo)
 
