@@ -128,6 +128,8 @@ def _known(value: Any) -> tuple[bool, Any]:
             return True, list(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return True, dataclasses.asdict(value)
+    if isinstance(value, type):  # a class, not an instance: never data
+        return False, None
     dump = getattr(value, "model_dump", None)  # pydantic v2
     if callable(dump) and hasattr(type(value), "model_fields"):
         # The Python form, so that datetimes inside a model get the same form as anywhere else; the

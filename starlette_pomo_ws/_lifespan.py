@@ -92,45 +92,58 @@ def route_from_scope(scope: Scope, pomo: PomoWS) -> None:
 
 
 def route_loaded_apps_soon(pomo: PomoWS) -> None:
-    """When made inside a running event loop, route the bare path of module-level apps once the import is done."""
+    """When a server imports the app inside its running event loop, route the bare path of module-level apps
+    once the import is done. Only under a server we know (a scan of the loaded modules takes some 30 ms)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
+        return
+    if server_workers(sys.argv, os.environ) is None:
         return
     loop.call_soon(route_loaded_apps, pomo)
 
 
 def route_loaded_apps(pomo: PomoWS) -> None:
-    """Route the bare path of every module-level Starlette app that mounts `pomo`; flag a Litestar app without
-    its plugin."""
+    """Route the bare path of every module-level Starlette app that mounts `pomo`; when none does and a
+    Litestar app has no `PomoWSPlugin`, say that the plugin is missing."""
     if pomo.broadcaster.running:
         return
     from starlette.applications import Starlette
 
     litestar = sys.modules.get("litestar")
     litestar_app = getattr(litestar, "Litestar", None)
+    mounted = False
+    unplugged: list[str] = []
     for name, module in list(sys.modules.items()):
         namespace = getattr(module, "__dict__", None)
         if not isinstance(namespace, dict):
             continue
         for attribute, value in list(namespace.items()):
-            if isinstance(value, Starlette):
-                install_bare_route(value, pomo)
-            elif isinstance(litestar_app, type) and isinstance(value, litestar_app) and _lacks_plugin(value, pomo):
-                logger.error(
-                    "The Litestar app %s:%s does not use PomoWSPlugin, so the WebSocket path is not routed and "
-                    'the broadcaster never starts: add `plugins=[PomoWSPlugin(pomo, path="/ws")]` '
-                    "(from starlette_pomo_ws.litestar import PomoWSPlugin).",
-                    name,
-                    attribute,
-                )
+            try:
+                if isinstance(value, Starlette):
+                    mounted = install_bare_route(value, pomo) or mounted
+                elif isinstance(litestar_app, type) and isinstance(value, litestar_app):
+                    plugins = _pomo_plugins(value)
+                    mounted = mounted or any(plugin.pomo is pomo for plugin in plugins)
+                    if not plugins:
+                        unplugged.append(f"{name}:{attribute}")
+            except Exception:  # an odd module attribute (a proxy whose __class__ raises): not an app of ours
+                continue
+    if not mounted:
+        for app in unplugged:
+            logger.error(
+                "The Litestar app %s does not use PomoWSPlugin, so the WebSocket path is not routed and the "
+                'broadcaster never starts: add `plugins=[PomoWSPlugin(pomo, path="/ws")]` '
+                "(from starlette_pomo_ws.litestar import PomoWSPlugin).",
+                app,
+            )
 
 
-def _lacks_plugin(app: Any, pomo: PomoWS) -> bool:
+def _pomo_plugins(app: Any) -> list[Any]:
     from .litestar import PomoWSPlugin
 
     plugins = getattr(getattr(app, "plugins", None), "init", ())
-    return not any(isinstance(plugin, PomoWSPlugin) and plugin.pomo is pomo for plugin in plugins)
+    return [plugin for plugin in plugins if isinstance(plugin, PomoWSPlugin)]
 
 
 _SERVERS = {"uvicorn", "gunicorn", "hypercorn", "granian"}

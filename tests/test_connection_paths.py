@@ -153,7 +153,7 @@ class Point:
 
 def test_data_conversions() -> None:
     naive = datetime.datetime(2025, 1, 6, 12, 0, 0, 123000)
-    assert dumps(naive) == '"2025-01-06T12:00:00.123Z"'  # naive is taken as UTC: one form everywhere
+    assert dumps(naive) == '"2025-01-06T12:00:00.123Z"'  # a naive datetime is taken as UTC (#14)
     assert dumps(datetime.date(2025, 1, 6)) == '"2025-01-06"'
     assert dumps(datetime.time(12, 30)) == '"12:30:00.000"'
     assert dumps(Colour.RED) == '"red"'

@@ -8,9 +8,11 @@ import importlib
 import importlib.metadata
 import inspect
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -402,7 +404,7 @@ def test_the_quickstart_runs_as_written(framework: str, tmp_path: Path) -> None:
             try:
                 for listener in listeners:
                     assert listener.stdout is not None
-                    established = json.loads(listener.stdout.readline())
+                    established = json.loads(readline_within(listener.stdout, 20))
                     assert (established["type"], established["userId"]) == ("CONNECTION_ESTABLISHED", "alice")
                 (curl,) = curl_block
                 assert curl.startswith("curl ")
@@ -410,7 +412,7 @@ def test_the_quickstart_runs_as_written(framework: str, tmp_path: Path) -> None:
                 assert posted.returncode == 0, f"{curl!r} failed: {posted.stdout} {posted.stderr}"
                 for listener in listeners:
                     assert listener.stdout is not None
-                    event = json.loads(listener.stdout.readline())
+                    event = json.loads(readline_within(listener.stdout, 20))
                     assert event["type"] == "TASK_CREATED" and event["data"]["title"] == "Write the docs"
                     assert event["data"] == json.loads(posted.stdout)
             finally:
@@ -609,3 +611,103 @@ async def test_daphne_app(load_example: LoadExample) -> None:
         body = (await client.get("/ws/health")).json()
     assert body["status"] == "ok" and "error" not in body
     assert module.pomo.broadcaster.running
+
+
+# -- the other shell lines ----------------------------------------------------------------------------------
+
+KNOWN_VARIABLES = {f"POMO_WS_{f.name.upper()}" for f in dataclasses.fields(Settings)} | {
+    "POMO_WS_JWT_SECRET_FILE",
+    "POMO_WS_TOKEN",
+}
+# The Deployment page's server commands are the server matrix's own (tests/e2e/test_servers.py checks them).
+CHECKED_ELSEWHERE = ("pip install", "uvicorn ", "python -m benchmarks", "curl ", "hypercorn ", "granian ", "daphne ")
+
+
+def test_every_shell_line_in_the_docs_is_checked(tmp_path: Path) -> None:
+    """`export`s name real variables and evaluate; `pomo-ws` lines parse; scripts exist; the rest run.
+
+    `pip`, `uvicorn`, `python -m benchmarks` and the Quickstart's `curl` have their own tests above.
+    """
+    from starlette_pomo_ws.cli import build_parser
+
+    from .cli_server import user_env
+
+    env = user_env()
+    token = make_token("alice")
+    for page, command in all_commands():
+        where = f"{page}: {command!r}"
+        if command.startswith(CHECKED_ELSEWHERE):
+            continue
+        if command.startswith("export "):
+            name = command.removeprefix("export ").split("=", 1)[0]
+            assert name in KNOWN_VARIABLES, f"{where}: {name} is not a variable the package reads"
+            assert bash(command, env, tmp_path).returncode == 0, where
+        elif command.startswith(("python -c ", "TOKEN=$(")):
+            ran = bash(command, env, tmp_path)
+            assert ran.returncode == 0, f"{where}: {ran.stderr}"
+        elif command.startswith("pomo-ws "):
+            line = command.split(" |", 1)[0].split(" #", 1)[0]
+            line = line.replace('"$(pomo-ws token alice)"', token).replace('"$TOKEN"', token)
+            try:
+                build_parser().parse_args(shlex.split(line)[1:])
+            except SystemExit as exc:  # argparse's way to refuse
+                raise AssertionError(f"{where} does not parse") from exc
+        elif command.startswith("scripts/"):
+            script = ROOT / command.split()[0]
+            assert script.is_file() and os.access(script, os.X_OK), where
+        else:
+            raise AssertionError(f"{where}: no test knows how to check this line")
+
+
+def readline_within(pipe: Any, seconds: float) -> bytes:
+    """One line from a child's pipe, or an AssertionError after `seconds`."""
+    import selectors
+
+    line = b""
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as selector:
+        selector.register(pipe, selectors.EVENT_READ)
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0 and selector.select(left), f"no line within {seconds} s (got {line!r})"
+            chunk = os.read(pipe.fileno(), 1)
+            assert chunk, f"the pipe closed (got {line!r})"
+            line += chunk
+    return line
+
+
+def test_the_demo_page_shell_lines_run_against_pomo_ws_demo(tmp_path: Path) -> None:
+    """`pomo-ws demo`, then the Demo page's `export POMO_WS_TOKEN=...` and `pomo-ws listen ... | jq`."""
+    from .cli_server import free_port, user_env
+
+    page = (DOCS / "demo.md").read_text(encoding="utf-8")
+    (start,) = [c for c in tab_block(page, "pomo-ws demo") if c.startswith("pomo-ws demo")]
+    listen_block = tab_block(page, "pomo-ws listen ws://127.0.0.1:8000/ws |")
+    port = free_port()
+    env = user_env()
+    demo = subprocess.Popen(
+        [*shlex.split(start.split(" #", 1)[0]), "--port", str(port), "--db", str(tmp_path / "demo.sqlite3")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert demo.stdout is not None
+        while b"Application startup complete" not in readline_within(demo.stdout, 30):
+            pass
+        # On a terminal jq writes each line at once; into a pipe it would wait for its end.
+        script = "\n".join(listen_block).replace(":8000", f":{port}").replace("| jq ", "| jq --unbuffered ")
+        listener = subprocess.Popen(
+            ["bash", "-ec", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, start_new_session=True
+        )
+        try:
+            assert listener.stdout is not None
+            first = json.loads(readline_within(listener.stdout, 20))
+            assert first["type"] == "CONNECTION_ESTABLISHED" and set(first) == {"type", "data"}, first
+        finally:
+            os.killpg(listener.pid, signal.SIGTERM)  # bash, pomo-ws and jq: the group this test started
+            listener.communicate(timeout=10)
+    finally:
+        demo.terminate()
+        demo.communicate(timeout=15)

@@ -137,8 +137,12 @@ def test_a_request_through_the_mount_routes_the_bare_path() -> None:
 
 
 @pytest.mark.anyio
-async def test_apps_made_in_a_running_loop_get_the_bare_path_once_imported() -> None:
-    pomo = PomoWS(make_settings())  # inside the loop, as the uvicorn CLI imports an app
+async def test_apps_made_in_a_running_loop_get_the_bare_path_once_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    unrouted = Starlette(routes=[Mount("/ws", app=PomoWS(make_settings()))])  # under pytest: no scan
+    await asyncio.sleep(0)
+    assert len(unrouted.routes) == 1
+    monkeypatch.setattr("sys.argv", ["/venv/bin/uvicorn", "app:app", "--reload"])
+    pomo = PomoWS(make_settings())  # inside the loop, as uvicorn imports an app with --reload or --workers
     app = Starlette(routes=[Mount("/ws", app=pomo)])
     import sys
     import types
@@ -194,3 +198,42 @@ def test_the_memory_backend_in_two_uvicorn_workers_warns_in_each(tmp_path: Path)
         assert "POMO_WS_BACKEND_URL=redis://" in output
     with uvicorn_cli(tmp_path, ["wired:app"]) as server:
         assert "The memory backend runs" not in server.output
+
+
+class _Proxy:
+    """A module attribute whose `__class__` raises, as an unbound werkzeug LocalProxy does."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        raise RuntimeError("unbound")
+
+
+@pytest.mark.anyio
+async def test_the_litestar_hint_names_only_apps_without_any_plugin(caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+    import types
+
+    from litestar import Litestar
+
+    from starlette_pomo_ws.litestar import PomoWSPlugin
+
+    other = PomoWS(make_settings())
+    module = types.ModuleType("pomo_ws_litestar_probe")
+    # logging_config=None: Litestar would otherwise configure logging, and drop the handler caplog reads.
+    plugged = Litestar(route_handlers=[], plugins=[PomoWSPlugin(other)], logging_config=None)
+    module.with_plugin = plugged  # type: ignore[attr-defined]
+    module.proxy = _Proxy()  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    try:
+        with caplog.at_level("ERROR", logger="starlette_pomo_ws"):
+            route_loaded_apps(PomoWS(make_settings()))  # another app's plugin: not this one's business
+            assert "does not use PomoWSPlugin" not in caplog.text
+            module.bare = Litestar(route_handlers=[], logging_config=None)  # type: ignore[attr-defined]
+            route_loaded_apps(PomoWS(make_settings()))
+            assert "The Litestar app pomo_ws_litestar_probe:bare does not use PomoWSPlugin" in caplog.text
+            assert "with_plugin" not in caplog.text
+            caplog.clear()
+            route_loaded_apps(other)  # mounted by its plugin: nothing to say
+            assert "does not use PomoWSPlugin" not in caplog.text
+    finally:
+        del sys.modules[module.__name__]

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import random
+import re
+import shlex
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from ..conftest import closed_with, make_token, recv
-from .servers import SERVERS, ServerProcess, serve
+from .servers import ROOT, SERVERS, ServerProcess, serve
 from .test_uvicorn import read_frames
 
 pytestmark = [pytest.mark.anyio, pytest.mark.servers]
@@ -380,3 +382,22 @@ async def test_a_reconnect_storm_ends_with_no_gap_and_no_duplicate(server: Serve
                         received[key].append(message["data"]["mark"])
     for key in tabs:
         assert received[key] == expected[key[0]], key
+
+
+def test_the_deployment_page_runs_each_server_as_the_matrix_does() -> None:
+    """Each command of the Deployment page's "ASGI servers" uses only flags that the matrix runs it with."""
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    page = page[page.index("## ASGI servers") : page.index("## uvicorn flags")]
+    commands = re.findall(r"^\s*\$ ((?:uvicorn|hypercorn|granian|daphne) .+)$", page, re.MULTILINE)
+    seen = set()
+    for command in commands:
+        words = shlex.split(command.rstrip("\\"))
+        name = words[0]
+        matrix = [" ".join(argv) for key, argv in SERVERS.items() if key.split("-")[0] == name]
+        assert matrix, f"no matrix entry runs {name}"
+        flags = [word for word in words if word.startswith("-")]
+        assert any(all(flag in argv.split() for flag in flags) for argv in matrix), (
+            f"{command!r} is not run by the matrix"
+        )
+        seen.add(name)
+    assert seen >= {"uvicorn", "hypercorn", "granian", "daphne"}, seen
