@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from starlette_pomo_ws import AuthenticationError, ConfigurationError, PomoWS, Principal, Settings
-from starlette_pomo_ws._auth import JWTAuthenticator, RefusalLog
+from starlette_pomo_ws._auth import JWTAuthenticator, RefusalLog, _token_algorithm
 
 from .conftest import SECRET, make_app, make_settings, make_token
 
@@ -425,3 +425,37 @@ async def test_the_summary_comes_even_when_the_flood_stops() -> None:
             await arrived.wait()
     finally:
         logging.getLogger("starlette_pomo_ws").removeHandler(watch)
+
+
+def test_a_key_type_that_jwts_cannot_use_is_refused_at_startup() -> None:
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    pem = (
+        x25519.X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    with pytest.raises(ConfigurationError, match=r"'jwt_secret' holds a \w*X25519\w*, which JWTs cannot use"):
+        JWTAuthenticator(Settings(jwt_secret=pem, jwt_algorithms=("EdDSA",)))
+
+
+def test_the_algorithm_named_in_a_log_line_is_bounded() -> None:
+    assert _token_algorithm("garbage") == "?"
+    assert _token_algorithm(jwt.encode({}, "k" * 32, headers={"alg": "HS256", "x": 1})) == "HS256"
+    assert _token_algorithm(jwt.encode({}, "k" * 64, algorithm="HS512")) == "HS512"
+
+
+@pytest.mark.anyio
+async def test_many_reasons_in_one_second_stay_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    log = RefusalLog(per_second=1, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="starlette_pomo_ws"):
+        log.refused("auth", "old reason")
+        log.refused("auth", "old reason")  # suppressed
+        now[0] = 2.0
+        for n in range(70):  # a custom authenticate with many reasons: stale ones are dropped, with their summary
+            log.refused("auth", f"reason {n}")
+    assert "1 more refusals (auth: old reason) suppressed in one second" in caplog.text
+    assert len(log._windows) <= 70
+    assert "auth: old reason" not in log._windows

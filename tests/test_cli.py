@@ -148,6 +148,12 @@ def test_demo_refuses_a_public_host_without_allow_remote(host: str, capsys: pyte
     assert "--allow-remote" in err
 
 
+def test_demo_with_allow_remote_binds_a_public_address(capsys: pytest.CaptureFixture[str], env_secret: None) -> None:
+    """--allow-remote lifts the refusal; 192.0.2.1 (TEST-NET) is not on this machine, so the bind then fails."""
+    assert main(["demo", "--host", "192.0.2.1", "--allow-remote", "--port", "0"]) == 1
+    assert "cannot bind 192.0.2.1:0" in capsys.readouterr().err
+
+
 @pytest.mark.usefixtures("no_secret")
 def test_demo_use_env_secret_needs_the_secret(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
