@@ -298,7 +298,8 @@ export class PomoSocket {
     let refresh = false;
     let minimum = 0;
     // daphne lets a server close only with 1000 or 3000-4999: there 1008 arrives as 4008 (and no reason).
-    const meaning = code >= 4000 && code < 5000 ? code - 3000 : code;
+    // The client's own closes (4000, to replace a connection) always reconnect.
+    const meaning = !byClient && code >= 4000 && code < 5000 ? code - 3000 : code;
     if (meaning === 1000 || meaning === 1009 || (meaning === 1008 && FATAL_REASONS.includes(reason))) {
       willReconnect = false;
     } else if (meaning === 1008 && reason === "Too many messages") {
