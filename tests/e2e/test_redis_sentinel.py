@@ -140,10 +140,13 @@ class Reader:
             try:
                 async with connect(self.url(f"/ws?{query}")) as ws:
                     self.ws = ws
-                    self.opened.set()
                     async for raw in ws:
                         event = json.loads(raw)
-                        if event["type"] == "RESYNC_REQUIRED":
+                        if event["type"] == "CONNECTION_ESTABLISHED":
+                            # Its id is the position after which this connection gets every event: what is
+                            # published before it is not this connection's, so publishing starts after.
+                            self.opened.set()
+                        elif event["type"] == "RESYNC_REQUIRED":
                             self.resyncs += 1
                         elif event["type"] == "TASK_UPDATED":
                             self.numbers.append(event["data"]["n"])
