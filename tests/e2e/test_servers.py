@@ -13,7 +13,6 @@ import json
 import random
 import re
 import shlex
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -26,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..conftest import closed_with, make_token, recv
 from .servers import ROOT, SERVERS, ServerProcess, serve
-from .test_uvicorn import read_frames
+from .test_uvicorn import raw_client, read_frames
 
 pytestmark = [pytest.mark.anyio, pytest.mark.servers]
 
@@ -160,21 +159,6 @@ async def test_a_resumed_client_gets_what_it_missed_exactly_once(server: ServerP
 # -- every close code reaches a client that reads -----------------------------------------------------------
 
 
-async def raw_client(server: ServerProcess, who: str) -> socket.socket:
-    """A WebSocket client on a raw socket with a tiny receive buffer, which reads only when told."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", server.port))
-    request = (
-        f"GET /ws?token={make_token(who)} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await loop.sock_sendall(sock, request.encode())
-    return sock
-
-
 DAPHNE_BUFFERS = (
     "daphne accepts every send at once and buffers it in the process (Twisted): no backpressure reaches the "
     "app, so no server-side limit can see a slow client there (documented on the Deployment page)"
@@ -194,7 +178,7 @@ async def test_a_slow_client_that_reads_again_gets_its_data_then_1013(
     buffered events arrive, in order, followed by the 1013 close frame. A fast client gets everything."""
     no_backpressure(server, request)
     slow_user, fast_user = user("slow"), user("fast")
-    slow = await raw_client(server, slow_user)
+    slow = await raw_client(server.port, slow_user)
     try:
         async with client(server, f"?token={make_token(fast_user)}") as fast:
             await recv(fast)
@@ -237,7 +221,7 @@ async def test_a_slow_client_that_never_reads_is_released_within_send_timeout(
     """No close frame can reach a peer that never reads; its handler still returns within send_timeout + 1 s."""
     no_backpressure(server, request)
     who = user("deaf")
-    sock = await raw_client(server, who)
+    sock = await raw_client(server.port, who)
     try:
         await wait_count(server, who, 1)
         blob = "z" * 16384
