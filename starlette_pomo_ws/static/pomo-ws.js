@@ -117,12 +117,13 @@ export class PomoSocket {
     this._seenOrder = [];
     this._pendingOpen = null;
     this._onOnline = null;
-    // channel -> { since, state, presence }. state: "pending" (to SUBSCRIBE once open), "sent"
-    // (asked on this connection), "active" (SUBSCRIBED: its events are covered by the cursor).
+    // channel -> { since, active, askedOn, presence }. `active`: a SUBSCRIBED arrived, so the cursor
+    // covers its events and it resumes in the URL; `askedOn`: the socket it was requested on.
     this._channels = new Map();
+    this._urlChannels = [];
     const resumable = Boolean(this._cursor);
     for (const channel of this.options.channels || []) {
-      this._channels.set(String(channel), { since: null, state: resumable ? "active" : "pending", presence: null });
+      this._channels.set(String(channel), { since: null, active: resumable, askedOn: null, presence: null });
     }
     this.lastClose = null;
   }
@@ -154,7 +155,7 @@ export class PomoSocket {
   subscribe(channel, { since } = {}) {
     channel = String(channel);
     if (this._channels.has(channel)) return this;
-    const entry = { since: since || null, state: "pending", presence: null };
+    const entry = { since: since || null, active: false, askedOn: null, presence: null };
     this._channels.set(channel, entry);
     if (this._isOpen()) this._sendSubscribe(channel, entry);
     return this;
@@ -282,6 +283,10 @@ export class PomoSocket {
       return;
     }
     this._ws = ws;
+    for (const channel of this._urlChannels) {
+      const entry = this._channels.get(channel);
+      if (entry) entry.askedOn = ws;
+    }
     this._openedAt = 0;
     ws.onmessage = (message) => {
       if (this._ws === ws) this._onMessage(message);
@@ -315,10 +320,9 @@ export class PomoSocket {
     // a cursor every channel without its own `since` goes in the URL: a fresh subscribe.
     const inUrl = [];
     for (const [channel, entry] of this._channels) {
-      const resume = this._cursor ? entry.state === "active" : !entry.since;
-      entry.state = resume ? "sent" : "pending";
-      if (resume) inUrl.push(channel);
+      if (this._cursor ? entry.active : !entry.since) inUrl.push(channel);
     }
+    this._urlChannels = inUrl;
     if (inUrl.length) url.searchParams.set("channels", inUrl.join(","));
     else url.searchParams.delete("channels");
     return url.toString();
@@ -330,7 +334,7 @@ export class PomoSocket {
 
   _sendSubscribe(channel, entry) {
     const data = entry.since ? { channel, since: entry.since } : { channel };
-    if (this.send("SUBSCRIBE", data)) entry.state = "sent";
+    if (this.send("SUBSCRIBE", data)) entry.askedOn = this._ws;
   }
 
   _channelOf(event) {
@@ -350,7 +354,7 @@ export class PomoSocket {
     const entry = this._channels.get(channel);
     if (type === "SUBSCRIBED") {
       if (!entry) return false; // unsubscribed meanwhile
-      entry.state = "active";
+      entry.active = true;
       entry.since = null; // from now on the cursor covers it
       return true;
     }
@@ -410,7 +414,7 @@ export class PomoSocket {
       this._setStatus(Status.OPEN);
       // Channels that were not in the URL: subscribe now (with their own `since`, if any).
       for (const [channel, entry] of this._channels) {
-        if (entry.state === "pending") this._sendSubscribe(channel, entry);
+        if (entry.askedOn !== this._ws) this._sendSubscribe(channel, entry);
       }
     } else if (type === "RESYNC_REQUIRED" && this._channelOf(event) !== null) {
       // One channel's `since` could not be recovered: its state must be refetched. The id is the
