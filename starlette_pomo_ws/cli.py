@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=_port, default=8000, help="the port to bind (default 8000)")
     demo.add_argument("--redis", metavar="URL", help="use Redis, e.g. redis://localhost:6379/0 (default: memory)")
     demo.add_argument("--db", default=None, metavar="PATH", help="the SQLite file (default ./pomo-demo.sqlite3)")
-    demo.add_argument("--user", default="demo", help="the user of the printed token (default demo)")
+    demo.add_argument(
+        "--user", default="demo", help="the user of the printed token (default demo; NAME@TEAM is a member of TEAM)"
+    )
     demo.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
     )
@@ -261,7 +263,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - uvicorn is in the demo and test extras
         raise CLIError("the demo needs uvicorn: pip install 'starlette-pomo-ws[demo]'") from exc
     from .demo.app import DEFAULT_DB_PATH, create_app
-    from .demo.tokens import LOOPBACK_HOSTS, demo_settings, is_loopback, mint_token
+    from .demo.tokens import LOOPBACK_HOSTS, demo_settings, demo_token, is_loopback
 
     if not is_loopback(args.host) and not args.allow_remote:
         raise CLIError(
@@ -285,7 +287,7 @@ def _demo(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     shown = display_host(args.host)
     base = f"http://{shown}:{port}"
-    token = mint_token(settings, args.user, ttl=24 * 3600, iat=int(time.time()))
+    token = demo_token(settings, args.user, ttl=24 * 3600, iat=int(time.time()))
     app = create_app(settings, db_path=args.db or DEFAULT_DB_PATH, allowed_hosts=allowed_hosts)
 
     lines = [""]
