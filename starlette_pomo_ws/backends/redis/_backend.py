@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -21,6 +22,7 @@ from ..._settings import redact_url
 from ...exceptions import BackendUnavailable, ConfigurationError
 from ..base import Backend, Control, Deliver, History, Record
 from ._batch import Coalescer
+from ._members import Members
 from ._presence import Presence
 from ._pubsub import PubSub
 from ._scripts import load
@@ -34,6 +36,14 @@ _T = TypeVar("_T")
 
 _BATCH = 200  # user streams per catch-up script call
 _PUBLISH_BATCH = 128  # events per publish script call
+_RETAINED_BATCH = 500  # channels per read of their retained state
+
+# The kinds of stream the publish script knows: the broadcast stream, a user's, a channel's, and a
+# channel's with the event kept as its retained state.
+_BROADCAST, _USER, _CHANNEL, _RETAIN = "0", "1", "2", "3"
+# One event to publish: its stream's kind, its stream's name (a user id or a channel; "" for the
+# broadcast stream), and its head.
+_Publish = tuple[str, str, str]
 
 
 def _text(value: Any) -> str:
@@ -153,6 +163,7 @@ class RedisBackend(Backend):
         self._command_ok = False
         self._control: Control | None = None
         self._presence_task: asyncio.Task[None] | None = None
+        self._members_task: asyncio.Task[None] | None = None
         self._pubsub = PubSub(
             client,
             url=self._url,
@@ -164,7 +175,7 @@ class RedisBackend(Backend):
             position=self.position,
             read_since=self._read_since,
         )
-        self._publishes: Coalescer[tuple[str | None, str], Record] = Coalescer(
+        self._publishes: Coalescer[_Publish, Record] = Coalescer(
             self._publish_batch, what="publish the event", timeout=self._op_timeout, limit=_PUBLISH_BATCH
         )
         self._positions: Coalescer[None, Position] = Coalescer(
@@ -177,6 +188,14 @@ class RedisBackend(Backend):
             command=lambda operation, what, timeout: self._command(operation, what, timeout=timeout),
             bounded=self._bounded,
             timeout=self._op_timeout,
+        )
+        self._members = Members(
+            client,
+            key_prefix=key_prefix,
+            ttl=presence_ttl,
+            command=lambda operation, what, timeout: self._command(operation, what, timeout=timeout),
+            timeout=self._op_timeout,
+            changed=self._members_changed,
         )
 
     def __repr__(self) -> str:
@@ -198,18 +217,22 @@ class RedisBackend(Backend):
         self._control = control
         await self._pubsub.start(deliver, control, instance=self._instance)
         self._presence_task = asyncio.create_task(self._presence.refresh_forever(), name="pomo-ws redis presence")
+        self._members_task = asyncio.create_task(self._members.refresh_forever(), name="pomo-ws redis members")
 
     async def stop(self) -> None:
         """Unsubscribe, forget this node's presence, and close what the backend opened. Safe twice."""
         self._control = None
-        task, self._presence_task = self._presence_task, None
-        if task is not None:
+        tasks = {task for task in (self._presence_task, self._members_task) if task is not None}
+        self._presence_task = self._members_task = None
+        for task in tasks:
             task.cancel()
-            await asyncio.wait({task})  # unlike awaiting it, this lets a cancellation of stop() through
+        if tasks:
+            await asyncio.wait(tasks)  # unlike awaiting them, this lets a cancellation of stop() through
         await self._pubsub.stop()
         await self._publishes.close()
         await self._positions.close()
         await self._presence.stop()
+        await self._members.stop()
         self._command_ok = False
         if self._owns_client:
             with contextlib.suppress(Exception):
@@ -229,9 +252,20 @@ class RedisBackend(Backend):
     async def publish(self, user_id: str | None, head: str) -> Record:
         if self._control is None:
             raise BackendUnavailable("The Redis backend is not started; the event was not published.")
-        return await self._publishes((user_id, head))
+        return await self._publishes((_BROADCAST, "", head) if user_id is None else (_USER, user_id, head))
 
-    async def _publish_batch(self, events: list[tuple[str | None, str]], timeout: float) -> list[Record]:
+    async def publish_to_channel(self, channel: str, head: str, retain: bool) -> Record:
+        """Store the event in the channel's stream (and as its retained state), in the same total order as
+        `publish` and in the same coalesced script calls.
+
+        Raises:
+            BackendUnavailable: the event was not stored.
+        """
+        if self._control is None:
+            raise BackendUnavailable("The Redis backend is not started; the event was not published.")
+        return await self._publishes((_RETAIN if retain else _CHANNEL, channel, head))
+
+    async def _publish_batch(self, events: list[_Publish], timeout: float) -> list[Record]:
         """One script call stores and publishes the whole batch, in order, with consecutive seqs."""
         args: list[str | int] = [
             self._epoch_mark + secrets.token_hex(6),
@@ -241,8 +275,8 @@ class RedisBackend(Backend):
             self._marker_ttl,
             self._clock_bucket,
         ]
-        for user_id, head in events:
-            args += (user_id or "", "0" if user_id is None else "1", head)
+        for kind, name, head in events:
+            args += (name, kind, head)
         if self._min_replicas:
             reply = await self._command(
                 lambda: self._publish_replicated(args, timeout), "publish the event", idempotent=False, timeout=timeout
@@ -255,7 +289,10 @@ class RedisBackend(Backend):
                 timeout=timeout,
             )
         epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
-        return [Record(epoch, first + i, user_id, head, published_at) for i, (user_id, head) in enumerate(events)]
+        return [
+            Record(epoch, first + i, name if kind == _USER else None, head, published_at, _channel(kind, name))
+            for i, (kind, name, head) in enumerate(events)
+        ]
 
     async def _publish_replicated(self, args: list[str | int], timeout: float) -> Any:
         """The publish script and `WAIT` in one pipeline: `WAIT` counts the replicas that have this connection's
@@ -314,12 +351,15 @@ class RedisBackend(Backend):
         )
         return [Position(_text(reply[0]), int(reply[1]))] * len(callers)
 
-    async def history(self, user_id: str, since: Position) -> History:
-        complete, records, position = await self._read(since, [user_id], broadcast=True, until=0)
+    async def history(self, user_id: str | None, since: Position, channels: Sequence[str] = ()) -> History:
+        """The user's, the broadcast and the channels' events after `since`, read by one script, so that the
+        streams meet exactly at the returned position."""
+        users = () if user_id is None else (user_id,)
+        complete, records, position = await self._read(since, users, channels, broadcast=user_id is not None, until=0)
         return History(complete, records, position)
 
     async def _read(
-        self, since: Position, users: Sequence[str], *, broadcast: bool, until: int
+        self, since: Position, users: Sequence[str], channels: Sequence[str], *, broadcast: bool, until: int
     ) -> tuple[bool, list[Record], Position]:
         args: list[str | int | float] = [
             self._epoch_mark + secrets.token_hex(6),
@@ -331,36 +371,49 @@ class RedisBackend(Backend):
             self._marker_ttl,
             self._clock_bucket + 2,  # margin for the checkpoints' granularity and clock steps
             "1" if broadcast else "0",
+            len(users),
             *users,
+            *channels,
         ]
         reply = await self._command(lambda: self._history_script(keys=[self._meta_key], args=args), "read the history")
         position = Position(_text(reply[0]), int(reply[1]))
         if not int(reply[2]):
             return False, [], position
-        streams: list[str | None] = [None] if broadcast else []
-        streams.extend(users)
+        streams: list[tuple[str | None, str | None]] = [(None, None)] if broadcast else []
+        streams.extend((user, None) for user in users)
+        streams.extend((None, channel) for channel in channels)
         records: list[Record] = []
         runs = 0
-        for stream_user, flat in zip(streams, reply[3:], strict=True):
+        epoch = position.epoch
+        for (user, channel), flat in zip(streams, reply[3:], strict=True):
             if flat:
                 runs += 1
                 records.extend(
-                    Record(position.epoch, int(flat[i]), stream_user, _text(flat[i + 1]), int(flat[i + 2]) / 1000)
+                    Record(epoch, int(flat[i]), user, _text(flat[i + 1]), int(flat[i + 2]) / 1000, channel)
                     for i in range(0, len(flat), 3)
                 )
         if runs > 1:
             records.sort(key=lambda r: r.seq)  # merges sorted runs in linear time
         return True, records, position
 
-    async def _read_since(self, since: Position, users: Sequence[str]) -> tuple[bool, list[Record], Position]:
-        """Everything after `since` on the broadcast stream and `users`' streams, for the catch-up."""
-        complete, records, position = await self._read(since, users[:_BATCH], broadcast=True, until=0)
+    async def _read_since(
+        self, since: Position, users: Sequence[str], channels: Sequence[str] = ()
+    ) -> tuple[bool, list[Record], Position]:
+        """Everything after `since` on the broadcast stream and the streams of `users` and `channels`, for the
+        catch-up."""
+        complete, records, position = await self._read(
+            since, users[:_BATCH], channels[: max(0, _BATCH - len(users))], broadcast=True, until=0
+        )
         # Later batches stop at the first one's position: later events arrive live.
-        for start in range(_BATCH, len(users), _BATCH):
+        for start in range(_BATCH, len(users) + len(channels), _BATCH):
             if not complete:
                 break
             more_complete, more, later = await self._read(
-                since, users[start : start + _BATCH], broadcast=False, until=position.seq
+                since,
+                users[start : start + _BATCH],
+                channels[max(0, start - len(users)) : max(0, start + _BATCH - len(users))],
+                broadcast=False,
+                until=position.seq,
             )
             complete = more_complete and later.epoch == position.epoch
             records.extend(more)
@@ -375,6 +428,32 @@ class RedisBackend(Backend):
     async def unsubscribe(self, user_id: str) -> None:
         await self._pubsub.unsubscribe(user_id)
 
+    async def subscribe_channel(self, channel: str) -> None:
+        await self._pubsub.subscribe_channel(channel)
+
+    async def unsubscribe_channel(self, channel: str) -> None:
+        await self._pubsub.unsubscribe_channel(channel)
+
+    # -- channels' state ----------------------------------------------------------------------
+
+    async def retained(self, channels: Sequence[str]) -> dict[str, Record]:
+        """The retained event of each channel that has one, in one round trip per 500 channels."""
+        kept: dict[str, Record] = {}
+        for start in range(0, len(channels), _RETAINED_BATCH):
+            batch = list(channels[start : start + _RETAINED_BATCH])
+            replies = await self._command(functools.partial(self._read_retained, batch), "read the retained events")
+            for channel, (epoch, seq, stamp, head) in zip(batch, replies, strict=True):
+                if head is not None:
+                    kept[channel] = Record(_text(epoch), int(seq), None, _text(head), int(stamp) / 1000, channel)
+        return kept
+
+    async def _read_retained(self, channels: list[str]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                _ = pipe.hmget(f"{self.key_prefix}retained:{channel}", ["e", "s", "t", "h"])
+            replies: list[Any] = await pipe.execute()
+        return replies
+
     # -- presence -----------------------------------------------------------------------------
 
     async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
@@ -388,6 +467,56 @@ class RedisBackend(Backend):
     async def remove_presence(self, node_id: str, user_id: str, connection_id: str) -> None:
         """Forget a connection. A Redis fault is not raised: the periodic refresh repairs the counts."""
         await self._presence.remove(node_id, user_id, connection_id)
+
+    async def join_channel(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:
+        """Count a connection in the channel, cluster-wide; coalesced with the joins and leaves of the same moment.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached; the connection is then not counted.
+        """
+        return await self._members.join(node_id, channel, user_id)
+
+    async def leave_channel(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:
+        """Count one connection less.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached; this node has forgotten the connection, and its
+                next refresh writes that to Redis.
+        """
+        return await self._members.leave(node_id, channel, user_id)
+
+    async def channel_members(self, channel: str) -> dict[str, int]:
+        return await self._members.members(channel)
+
+    async def channel_subscriber_count(self, channel: str) -> int:
+        return await self._members.subscriber_count(channel)
+
+    async def _members_changed(self, joined: list[tuple[str, str]], left: list[tuple[str, str]]) -> None:
+        """Announce to every node the users whose membership changed without a join or leave: the members
+        of a dead node, forgotten here (or of a node forgotten as dead that came back)."""
+        messages = [
+            {"channel": channel, "user_id": user_id, "joined": was_joined}
+            for was_joined, pairs in ((True, joined), (False, left))
+            for channel, user_id in pairs
+        ]
+        control = self._control
+        if control is not None:
+            for arguments in messages:
+                control("presence", arguments)
+        channel_name = self._pubsub.ctl_channel
+        for start in range(0, len(messages), 1000):
+            payloads = [json.dumps([self._instance, "presence", m]) for m in messages[start : start + 1000]]
+            await self._command(
+                functools.partial(self._publish_all, channel_name, payloads),
+                "reach the other nodes",
+                idempotent=False,
+            )
+
+    async def _publish_all(self, channel: bytes, payloads: list[str]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for payload in payloads:
+                _ = pipe.publish(channel, payload)
+            await pipe.execute()
 
     async def cluster_user_count(self, user_id: str) -> int:
         return await self._presence.user_count(user_id)
@@ -434,6 +563,10 @@ class RedisBackend(Backend):
             if isinstance(failure, asyncio.TimeoutError):
                 detail = f"no answer within {self._op_timeout:.1f}s"
             raise BackendUnavailable(f"Cannot {what}: Redis at {redact_url(self._url)} failed ({detail}).") from failure
+
+
+def _channel(kind: str, name: str) -> str | None:
+    return name if kind in (_CHANNEL, _RETAIN) else None
 
 
 def _address(pool: Any) -> tuple[str, int]:

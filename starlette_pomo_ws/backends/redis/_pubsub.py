@@ -35,8 +35,8 @@ logger = logging.getLogger("starlette_pomo_ws")
 
 _CHANNELS_PER_SUBSCRIBE = 500
 
-# (since, users) -> (complete, records in seq order, position)
-ReadSince = Callable[[Position, Sequence[str]], Awaitable[tuple[bool, list[Record], Position]]]
+# (since, users, channels) -> (complete, records in seq order, position)
+ReadSince = Callable[[Position, Sequence[str], Sequence[str]], Awaitable[tuple[bool, list[Record], Position]]]
 
 
 class PubSub:
@@ -70,6 +70,7 @@ class PubSub:
         self.ctl_channel = f"{key_prefix}ctl".encode()
         self._all_channel = f"{key_prefix}all".encode()
         self._user_channel = f"{key_prefix}u:".encode()
+        self._channel_channel = f"{key_prefix}c:".encode()
 
         self._deliver: Deliver | None = None
         self._control: Control | None = None
@@ -79,9 +80,11 @@ class PubSub:
         self._conn: AbstractConnection | None = None
         self._write_lock = asyncio.Lock()
         self._waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
-        self._outgoing: list[bytes] = []  # channels waiting for the next SUBSCRIBE
+        # (SUBSCRIBE or UNSUBSCRIBE, channel) waiting to be sent, in the order they were asked for
+        self._outgoing: collections.deque[tuple[str, bytes]] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
         self.users: set[str] = set()
+        self.channels: set[str] = set()  # the channels (of `broadcast_to_channel`) this node subscribes to
         self.tracked: Position | None = None  # the last (epoch, seq) this node is sure it has delivered
         self._epoch_switches = 0
         self._barriers: dict[bytes, tuple[Position | None, int]] = {}
@@ -129,18 +132,21 @@ class PubSub:
 
     async def subscribe(self, user_id: str) -> None:
         self.users.add(user_id)
+        await self._subscribe(self._user_channel + user_id.encode())
+
+    async def subscribe_channel(self, name: str) -> None:
+        self.channels.add(name)
+        await self._subscribe(self._channel_channel + name.encode())
+
+    async def _subscribe(self, channel: bytes) -> None:
         conn = self._conn
         if conn is None:
             return  # the next connection subscribes it, and catches up from this node's position
         # Only once Redis confirms are later events sure to arrive; history() may then be read.
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        channel = self._user_channel + user_id.encode()
         self._waiters.setdefault(channel, collections.deque()).append(waiter)
-        # The subscriptions asked for in the same moment go out as one SUBSCRIBE.
-        self._outgoing.append(channel)
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush(conn), name="pomo-ws redis subscribe")
+        self._queue("SUBSCRIBE", channel)
         timer = loop.call_later(self._op_timeout, _expire, waiter)  # cheaper than a wait_for task per call
         try:
             await waiter
@@ -152,22 +158,35 @@ class PubSub:
         finally:
             timer.cancel()
 
-    async def _flush(self, conn: AbstractConnection) -> None:
+    def _queue(self, command: str, channel: bytes) -> None:
+        # The (un)subscriptions asked for in the same moment go out as one command each, in order.
+        self._outgoing.append((command, channel))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="pomo-ws redis subscribe")
+
+    async def _flush(self) -> None:
+        outgoing = self._outgoing
+        conn: AbstractConnection | None = None
         try:
-            while self._outgoing:
-                channels = self._outgoing[:_CHANNELS_PER_SUBSCRIBE]
-                del self._outgoing[:_CHANNELS_PER_SUBSCRIBE]
+            while outgoing:
+                command = outgoing[0][0]
+                channels: list[bytes] = []
+                while outgoing and outgoing[0][0] == command and len(channels) < _CHANNELS_PER_SUBSCRIBE:
+                    channels.append(outgoing.popleft()[1])
                 async with self._write_lock:
-                    if conn is not self._conn:
-                        # Lost meanwhile: its end released these waiters, and the next connection
-                        # subscribes every user.
-                        self._outgoing.clear()
+                    conn = self._conn
+                    if conn is None:
+                        # Lost meanwhile: its end released the waiters, and the next connection
+                        # subscribes every user and channel still held. (A command meant for a lost
+                        # connection is harmless on the next one.)
+                        outgoing.clear()
                         return
-                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+                    await conn.send_command(command, *channels, check_health=False)
         except (RedisError, OSError) as exc:
             logger.debug("Sending SUBSCRIBE failed (%s); the reader reconnects", exc)
             self._outgoing.clear()
-            await self._drop(conn)
+            if conn is not None:
+                await self._drop(conn)
         finally:
             self._flusher = None
 
@@ -175,8 +194,13 @@ class PubSub:
         self.users.discard(user_id)
         conn = self._conn
         if conn is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._send(conn, "UNSUBSCRIBE", [self._user_channel + user_id.encode()], wait=False)
+            self._queue("UNSUBSCRIBE", self._user_channel + user_id.encode())
+
+    async def unsubscribe_channel(self, name: str) -> None:
+        self.channels.discard(name)
+        conn = self._conn
+        if conn is not None:
+            self._queue("UNSUBSCRIBE", self._channel_channel + name.encode())
 
     async def _send(
         self, conn: AbstractConnection, command: str, args: Sequence[bytes], *, wait: bool = True
@@ -262,6 +286,7 @@ class PubSub:
             self._conn = conn
             channels = [self.ctl_channel, self._all_channel]
             channels.extend(self._user_channel + user.encode() for user in list(self.users))
+            channels.extend(self._channel_channel + name.encode() for name in list(self.channels))
             pending: list[asyncio.Future[None]] = []
             for start in range(0, len(channels), _CHANNELS_PER_SUBSCRIBE):
                 pending += await self._send(conn, "SUBSCRIBE", channels[start : start + _CHANNELS_PER_SUBSCRIBE])
@@ -310,7 +335,7 @@ class PubSub:
         if tracked is None:
             self.tracked = await self._position()
         else:
-            complete, records, position = await self._read_since(tracked, list(self.users))
+            complete, records, position = await self._read_since(tracked, list(self.users), list(self.channels))
             if position.epoch != tracked.epoch or not complete:
                 logger.warning(
                     "Events published while Redis pub/sub was down can no longer be fetched (%s); "
@@ -427,11 +452,17 @@ class PubSub:
 
 
 def parse(data: bytes) -> Record | None:
-    """A `Record` from a message on a user or broadcast channel, or None when it is malformed."""
+    """A `Record` from a message on a user, broadcast or channel's channel, or None when it is malformed.
+
+    The length field is the user id's, -1 for the broadcast stream, or `c` and the channel name's.
+    """
     try:
         epoch, seq, stamp, length, rest = data.split(b"|", 4)
-        size = int(length)
         published_at = int(stamp) / 1000
+        if length[:1] == b"c":
+            size = int(length[1:])
+            return Record(epoch.decode(), int(seq), None, rest[size:].decode(), published_at, rest[:size].decode())
+        size = int(length)
         if size < 0:
             return Record(epoch.decode(), int(seq), None, rest.decode(), published_at)
         return Record(epoch.decode(), int(seq), rest[:size].decode(), rest[size:].decode(), published_at)

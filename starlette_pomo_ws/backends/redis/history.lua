@@ -1,6 +1,7 @@
 -- KEYS[1]: the metadata hash. ARGV: candidate epoch, prefix, since epoch, since seq, until seq (0: now),
--- history ttl (ms), marker ttl (s), clock margin (s), include the broadcast stream ('1'/'0'), user ids...
--- Returns {epoch, seq, complete, {seq, head, milliseconds, ...} per stream (broadcast first)}.
+-- history ttl (ms), marker ttl (s), clock margin (s), include the broadcast stream ('1'/'0'), the number of
+-- user ids, the user ids, then channel names. All the streams are read in one step, so they meet exactly.
+-- Returns {epoch, seq, complete, {seq, head, milliseconds, ...} per stream (broadcast, users, channels)}.
 local prefix = ARGV[2]
 local seq = tonumber(redis.call('HGET', meta, 'seq'))
 local since = tonumber(ARGV[4])
@@ -60,8 +61,14 @@ if ARGV[9] == '1' then
   if records == nil then return {epoch, seq, 0} end
   result[#result + 1] = records
 end
-for i = 10, #ARGV do
-  local records = read(prefix .. epoch .. ':u:' .. ARGV[i], prefix .. epoch .. ':l:' .. ARGV[i])
+local users = 10 + tonumber(ARGV[10])
+for i = 11, #ARGV do
+  local records
+  if i <= users then
+    records = read(prefix .. epoch .. ':u:' .. ARGV[i], prefix .. epoch .. ':l:' .. ARGV[i])
+  else
+    records = read(prefix .. epoch .. ':c:' .. ARGV[i], prefix .. epoch .. ':lc:' .. ARGV[i])
+  end
   if records == nil then return {epoch, seq, 0} end
   result[#result + 1] = records
 end

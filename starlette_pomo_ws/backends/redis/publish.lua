@@ -1,6 +1,7 @@
 -- Publishes a batch of events, in order, with consecutive seqs.
 -- KEYS[1]: the metadata hash. ARGV: candidate epoch, prefix, history size, history ttl (ms), marker ttl (s),
--- clock bucket (s), then three per event: user id, is user ('1'/'0'), head.
+-- clock bucket (s), then three per event: its stream's name (a user id, a channel, or ''), its kind ('0' the
+-- broadcast stream, '1' a user, '2' a channel, '3' a channel whose event is also kept as its state), head.
 -- Returns {epoch, seq of the first event, milliseconds}.
 local prefix = ARGV[2]
 local history_size = ARGV[3]
@@ -30,13 +31,22 @@ local function stamp(fields)
   end
   return 0
 end
-local function publish(seq, uid, is_user, head)
+local function publish(seq, uid, kind, head)
   local stream, last, channel, ulen
-  if is_user == '1' then
+  if kind == '1' then
     stream = prefix .. epoch .. ':u:' .. uid
     last = prefix .. epoch .. ':l:' .. uid
     channel = prefix .. 'u:' .. uid
     ulen = string.len(uid)
+  elseif kind == '2' or kind == '3' then
+    stream = prefix .. epoch .. ':c:' .. uid
+    last = prefix .. epoch .. ':lc:' .. uid
+    channel = prefix .. 'c:' .. uid
+    ulen = 'c' .. string.len(uid)
+    if kind == '3' then
+      -- The channel's state: no TTL, replaced by the next retained event.
+      redis.call('HSET', prefix .. 'retained:' .. uid, 'e', epoch, 's', seq, 't', now_ms, 'h', head)
+    end
   else
     stream = prefix .. epoch .. ':all'
     last = prefix .. epoch .. ':lall'
