@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,21 @@ from .conftest import RunningServer, make_settings, make_token, recv, run_server
 pytestmark = pytest.mark.anyio
 
 TEAM = ["team:*"]
+_backend: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True, params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """Every test runs on the memory backend and on a real Redis (a fresh key prefix each)."""
+    url = "memory://" if request.param == "memory" else str(request.getfixturevalue("redis_url"))
+    _backend["url"] = url
+    return url
+
+
+def past_the_window() -> int:
+    """How many events push the first out of a history of 2 or 3: Redis trims its streams approximately
+    (`MAXLEN ~`, by whole nodes of 100 entries), so it keeps more than `history_size` for a while."""
+    return 3 if _backend["url"] == "memory://" else 250
 
 
 def channel_app(pomo: PomoWS) -> Starlette:
@@ -99,7 +115,16 @@ class Site:
 @contextlib.asynccontextmanager
 async def site(**settings: Any) -> AsyncIterator[Site]:
     authorize = settings.pop("authorize_channel", None)
-    pomo = PomoWS(make_settings(**settings), authorize_channel=authorize)
+    backend = None
+    if _backend["url"] != "memory://":
+        from starlette_pomo_ws.backends.redis import RedisBackend
+
+        backend = RedisBackend(
+            _backend["url"],
+            key_prefix=f"pomo-test-ch-{secrets.token_hex(4)}:",
+            history_size=settings.get("history_size", 1000),
+        )
+    pomo = PomoWS(make_settings(**settings), backend=backend, authorize_channel=authorize)
     async with (
         run_server(channel_app(pomo)) as server,
         httpx.AsyncClient(base_url=server.http) as http,
@@ -293,7 +318,7 @@ async def test_a_resume_past_a_channel_s_history_gets_resync_and_no_partial_repl
         ws, hello = await s.connect("alice", query="&channels=team:1")
         await recv(ws)
         await ws.close()
-        for n in range(3):
+        for n in range(past_the_window()):
             await s.publish(channel="team:1", type="E", data=n)
         await s.publish(channel="team:1", type="STATE", data="now", retain=True)
         ws, hello = await s.connect("alice", query=f"&last_event_id={hello['id']}&channels=team:1")
@@ -320,7 +345,7 @@ async def test_subscribe_with_since_replays_that_channel_or_asks_for_a_resync() 
         await subscribe(ws2, "board:7", since=since)
         replay = await until_pong(ws2)
         assert [m["id"] for m in replay] == newer
-        for n in range(4):
+        for n in range(past_the_window() + 1):
             await s.publish(channel="board:8", type="E", data=n)
         await send(ws2, "SUBSCRIBE", channel="board:8", since=since)
         messages = await until_pong(ws2)
