@@ -226,11 +226,8 @@ class PomoClient:
         # A connection that drops meanwhile is not an error: the next handshake carries the channel set.
         from websockets.exceptions import ConnectionClosed
 
-        ws = self._ws
-        if ws is None:
-            return
         try:
-            await ws.send(json.dumps(message))
+            await self._ws.send(json.dumps(message))
         except ConnectionClosed:
             logger.debug("pomo-ws client: the connection closed before %s was sent", message["type"])
 

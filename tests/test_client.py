@@ -10,12 +10,13 @@ from typing import Any
 
 import anyio
 import pytest
+from websockets.protocol import State
 
 from starlette_pomo_ws import PomoWS
 from starlette_pomo_ws._auth import Principal
 from starlette_pomo_ws.client import PomoClient
 
-from .conftest import make_app, make_settings, make_token, run_server
+from .conftest import make_app, make_settings, make_token, run_server, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -157,7 +158,19 @@ async def test_unsubscribe_and_subscribe_again() -> None:
         await client.send("PING")
         assert (await next_of(events, "PONG", "TIMER_STARTED"))["type"] == "PONG"
         assert "channels" not in client.connect_url()
-        await close(client, events)
+        await client.send("PRESENCE", {"channel": "team:1"})  # no longer held
+        assert (await next_of(events, "ERROR"))["data"]["code"] == "forbidden"
+        assert list(client.channels) == []
+
+        # A subscribe on a connection that has just closed is not an error: the next handshake carries it.
+        await pomo.broadcaster.disconnect_user("u1")
+        ws = client._ws
+        await wait_until(lambda: ws.state is State.CLOSED, what="the client to see the close")
+        await client.subscribe("team:2")
+        assert list(client.channels) == ["team:2"]
+        with anyio.fail_after(5):
+            assert [event async for event in events] == []
+        assert "channels=team:2" in client.connect_url()
 
 
 async def test_subscribe_since_replays_the_channel_then_resumes_with_the_cursor() -> None:
