@@ -20,6 +20,7 @@ class Record(NamedTuple):
     user_id: str | None
     head: str
     published_at: float = 0.0  # Unix time of the publish, where the backend carries it (for the lag metric)
+    channel: str | None = None  # the channel of a `broadcast_to_channel` event (then `user_id` is None)
 
 
 class History(NamedTuple):
@@ -80,12 +81,64 @@ class Backend(abc.ABC):
         """The current position of the total order: the last seq given out, in the current epoch."""
 
     @abc.abstractmethod
-    async def history(self, user_id: str, since: Position) -> History:
-        """The events of `user_id`'s stream and the broadcast stream after `since`, merged in seq order.
+    async def history(self, user_id: str | None, since: Position, channels: Sequence[str] = ()) -> History:
+        """The events after `since` of `user_id`'s stream, the broadcast stream and each of `channels`,
+        merged in seq order. `user_id=None` reads only the channels (a SUBSCRIBE with `since`).
 
-        `complete` is False when any event after `since` may be missing (other epoch, trimmed by
-        `history_size` or `history_ttl`); the caller then sends `RESYNC_REQUIRED`.
+        `complete` is False when any event after `since` may be missing from any of those streams
+        (other epoch, trimmed by `history_size` or `history_ttl`); the caller then sends
+        `RESYNC_REQUIRED`. `position` is the current position of the total order.
         """
+
+    # -- channels ---------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def publish_to_channel(self, channel: str, head: str, retain: bool) -> Record:
+        """Append the event to the channel's stream (its history, for resume) and fan it out to the
+        nodes subscribed to the channel; with `retain`, also keep it as the channel's state (replacing
+        the previous one). Return once it is durable. The seq comes from the same total order as
+        `publish`.
+
+        Raises:
+            BackendUnavailable: the event was not stored.
+        """
+
+    @abc.abstractmethod
+    async def subscribe_channel(self, channel: str) -> None:
+        """Start receiving the channel's live events on this node (called for its first local subscriber)."""
+
+    @abc.abstractmethod
+    async def unsubscribe_channel(self, channel: str) -> None:
+        """Stop receiving the channel's events (called when its last local subscriber leaves)."""
+
+    @abc.abstractmethod
+    async def retained(self, channels: Sequence[str]) -> dict[str, Record]:
+        """The retained event of each channel that has one."""
+
+    @abc.abstractmethod
+    async def join_channel(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:
+        """Count one more connection of `user_id` in `channel` on `node_id`, cluster-wide.
+
+        Returns the user's connections in the channel across the cluster after the join, and the
+        number of distinct users in the channel.
+        """
+
+    @abc.abstractmethod
+    async def leave_channel(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:
+        """Count one connection of `user_id` in `channel` on `node_id` less; returns what `join_channel` does.
+
+        A shared backend also forgets the members of a node that stopped refreshing itself for
+        `presence_ttl` seconds (it died), and for each user that left a channel that way it sends the
+        control message `("presence", {"channel", "user_id", "joined": False})` to every node.
+        """
+
+    @abc.abstractmethod
+    async def channel_members(self, channel: str) -> dict[str, int]:
+        """User id to connection count in `channel`, across the cluster."""
+
+    @abc.abstractmethod
+    async def channel_subscriber_count(self, channel: str) -> int:
+        """Connections subscribed to `channel`, across the cluster."""
 
     @abc.abstractmethod
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:

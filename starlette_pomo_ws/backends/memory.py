@@ -6,7 +6,7 @@ import collections
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._events import Position
@@ -15,8 +15,10 @@ from .base import Backend, Control, Deliver, History, Record
 
 __all__ = ["MemoryBackend"]
 
-# How many fully expired user streams we remember, so that their cursors still get RESYNC_REQUIRED.
+# How many fully expired user and channel streams we remember, so that their cursors still get RESYNC_REQUIRED.
 _TOMBSTONES = 100_000
+# A channel's stream key: no user id holds a control character, so the two never meet.
+_CHANNEL = "\x00"
 
 
 class _Stream:
@@ -27,10 +29,13 @@ class _Stream:
     make those come sooner, for as long as the history holds it.
     """
 
-    __slots__ = ("evicted_upto", "heads", "key", "seqs", "times")
+    __slots__ = ("channel", "evicted_upto", "heads", "key", "seqs", "times", "user_id")
 
     def __init__(self, key: str | None) -> None:
         self.key = key  # one string per stream, whichever request spelled the user id
+        channel = key[1:] if key is not None and key.startswith(_CHANNEL) else None
+        self.channel = channel
+        self.user_id = key if channel is None else None
         self.seqs: collections.deque[int] = collections.deque()
         self.heads: collections.deque[str] = collections.deque()
         self.times: collections.deque[float] = collections.deque()
@@ -66,6 +71,8 @@ class MemoryBackend(Backend):
         self._deliver: Deliver | None = None
         self._control: Control | None = None
         self._presence: dict[str, set[str]] = {}
+        self._retained: dict[str, Record] = {}
+        self._members: dict[str, dict[str, int]] = {}  # channel -> user id -> connections
 
     def __repr__(self) -> str:
         return f"MemoryBackend(history_size={self.history_size}, history_ttl={self.history_ttl})"
@@ -85,29 +92,39 @@ class MemoryBackend(Backend):
         return self._deliver is not None
 
     async def publish(self, user_id: str | None, head: str) -> Record:
+        return self._append(user_id, head)
+
+    async def publish_to_channel(self, channel: str, head: str, retain: bool) -> Record:
+        record = self._append(_CHANNEL + channel, head)
+        if retain:
+            self._retained[channel] = record
+        return record
+
+    def _append(self, key: str | None, head: str) -> Record:
+        """Store the event in its stream, then deliver it, in one synchronous step."""
         deliver = self._deliver
         if deliver is None:
             raise BackendUnavailable("The memory backend is stopped; the event was not published.")
         now = self._clock()
         self._expire(now)
-        stream = self._streams.get(user_id)
+        stream = self._streams.get(key)
         if stream is None:
-            stream = self._streams[user_id] = _Stream(user_id)
-            if user_id is not None:
-                stream.evicted_upto = self._tombstones.pop(user_id, 0)
+            stream = self._streams[key] = _Stream(key)
+            if key is not None:
+                stream.evicted_upto = self._tombstones.pop(key, 0)
         else:
-            user_id = stream.key  # every kept event shares its stream's string
+            key = stream.key  # every kept event shares its stream's string
         self._seq = seq = self._seq + 1
         stream.seqs.append(seq)
         stream.heads.append(head)
         stream.times.append(now)
         self._by_time.append(now)
-        self._by_key.append(user_id)
+        self._by_key.append(key)
         if len(stream.seqs) > self.history_size:
             stream.evicted_upto = stream.seqs.popleft()
             stream.heads.popleft()
             stream.times.popleft()
-        record = Record(self._epoch, seq, user_id, head)
+        record = Record(self._epoch, seq, stream.user_id, head, 0.0, stream.channel)
         deliver(record)
         return record
 
@@ -139,27 +156,70 @@ class MemoryBackend(Backend):
     async def position(self) -> Position:
         return Position(self._epoch, self._seq)
 
-    async def history(self, user_id: str, since: Position) -> History:
+    async def history(self, user_id: str | None, since: Position, channels: Sequence[str] = ()) -> History:
         self._expire(self._clock())
         current = Position(self._epoch, self._seq)
         if since.epoch != self._epoch or since.seq > self._seq:
             return History(False, (), current)
-        user_stream = self._streams.get(user_id)
-        if user_stream is not None:
-            user_floor = user_stream.evicted_upto
+        keys: list[str | None] = [_CHANNEL + channel for channel in channels]
+        if user_id is not None:
+            keys += [user_id, None]
+        found: list[Record] = []
+        streams = 0
+        for key in keys:
+            stream = self._streams.get(key)
+            if stream is not None:
+                floor = stream.evicted_upto
+            elif key is None:
+                floor = 0
+            else:
+                floor = self._tombstones.get(key, self._forgotten_upto)
+            if since.seq < floor:
+                return History(False, (), current)
+            records = _after(self._epoch, stream, since.seq)
+            if records:
+                found += records
+                streams += 1
+        if streams > 1:
+            found.sort(key=lambda r: r.seq)
+        return History(True, found, current)
+
+    async def retained(self, channels: Sequence[str]) -> dict[str, Record]:
+        kept = self._retained
+        return {channel: kept[channel] for channel in channels if channel in kept}
+
+    async def subscribe_channel(self, channel: str) -> None:
+        return None  # every event of this process is delivered to this process
+
+    async def unsubscribe_channel(self, channel: str) -> None:
+        return None
+
+    async def join_channel(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:
+        members = self._members.get(channel)
+        if members is None:
+            members = self._members[channel] = {}
+        count = members[user_id] = members.get(user_id, 0) + 1
+        return count, len(members)
+
+    async def leave_channel(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:
+        members = self._members.get(channel)
+        if members is None or user_id not in members:
+            return 0, 0 if members is None else len(members)
+        count = members[user_id] - 1
+        if count:
+            members[user_id] = count
         else:
-            user_floor = self._tombstones.get(user_id, self._forgotten_upto)
-        everyone = self._streams.get(None)
-        everyone_floor = everyone.evicted_upto if everyone is not None else 0
-        if since.seq < user_floor or since.seq < everyone_floor:
-            return History(False, (), current)
-        mine = _after(self._epoch, user_stream, since.seq)
-        theirs = _after(self._epoch, everyone, since.seq)
-        if mine and theirs:
-            records = sorted(mine + theirs, key=lambda r: r.seq)
-        else:
-            records = mine or theirs
-        return History(True, records, current)
+            del members[user_id]
+            if not members:
+                del self._members[channel]
+                return 0, 0
+        return count, len(members)
+
+    async def channel_members(self, channel: str) -> dict[str, int]:
+        return dict(self._members.get(channel, {}))
+
+    async def channel_subscriber_count(self, channel: str) -> int:
+        return sum(self._members.get(channel, {}).values())
 
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         if self._control is None:
@@ -196,5 +256,5 @@ def _after(epoch: str, stream: _Stream | None, seq: int) -> list[Record]:
     count = len(seqs) - index
     newest_seqs = collections.deque(seqs, maxlen=count)
     newest_heads = collections.deque(stream.heads, maxlen=count)
-    key = stream.key
-    return [Record(epoch, s, key, h) for s, h in zip(newest_seqs, newest_heads, strict=True)]
+    user_id, channel = stream.user_id, stream.channel
+    return [Record(epoch, s, user_id, h, 0.0, channel) for s, h in zip(newest_seqs, newest_heads, strict=True)]
