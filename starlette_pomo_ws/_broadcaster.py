@@ -285,10 +285,7 @@ class Broadcaster:
                     reason = arguments.get("reason")
                     self.channels.leave(connection, channel, reason if isinstance(reason, str) else None)
         elif kind == "resync":
-            # The backend lost events it cannot recover (a new epoch): every socket must resume, and will
-            # then get RESYNC_REQUIRED. 1012 is "service restart": clients reconnect and resume.
-            for connection in self.registry.everyone():
-                connection.abort(1012, "Service restart")
+            self._resync(arguments)
 
     async def subscribe_user(self, user_id: str, channel: str) -> None:
         """Subscribe every connection of `user_id`, on every node, to `channel` (no authorization check:
@@ -331,6 +328,25 @@ class Broadcaster:
         self._check_running()
         _check_channel(channel)
         return await self.backend.channel_members(channel)
+
+    def _resync(self, arguments: Mapping[str, Any]) -> None:
+        """The backend lost events it cannot recover (a new epoch, or history trimmed while this node was
+        cut off), and live events continue after the position it gives.
+
+        An established socket stays up: it gets RESYNC_REQUIRED with that position, in band, and then the
+        events after it (the client refetches its state, which holds everything before). A socket still
+        being established (or subscribing) read a position of the old numbering: it is closed with 1012
+        "Service restart", reconnects and resumes, and gets RESYNC_REQUIRED then.
+        """
+        epoch, seq, reason = arguments.get("epoch"), arguments.get("seq"), arguments.get("reason")
+        position = Position(epoch, seq) if isinstance(epoch, str) and isinstance(seq, int) else None
+        for connection in self.registry.everyone():
+            if position is None or not connection.established or connection.joining:
+                connection.abort(1012, "Service restart")
+                continue
+            connection.rebase(position.seq)
+            data = {"reason": reason if isinstance(reason, str) else "new_epoch"}
+            connection.notify_with_id(EventType.RESYNC_REQUIRED, data, self._position_id(position, connection.user_id))
 
     # -- counts ---------------------------------------------------------------------------------------
 

@@ -109,6 +109,11 @@ class Connection(Outbox):
         if context.run(self.put, {"type": "websocket.send", "text": text}, size, ALWAYS, context):
             self.count(size)
 
+    def notify_with_id(self, type: str, data: Any, event_id: str) -> None:
+        """A protocol message that carries a position (RESYNC_REQUIRED): the client stores it as its cursor."""
+        text = protocol_message(type, self.user_id, data, event_id)
+        self.send_all([({"type": "websocket.send", "text": text}, wire_size(text))])
+
     def send_all(self, messages: Iterable[tuple[Message, int]]) -> None:
         """Send messages, with their sizes, after everything sent so far (a subscribe's opening)."""
         context = contextvars.copy_context()
