@@ -197,7 +197,7 @@ class Channels:
             return
         # One synchronous step: from here on the fan-out reaches this connection.
         broadcaster.registry.join(channel, connection)
-        connection.channels.append(channel)
+        connection.channels += (channel,)
         upto = opening.upto
         opening.messages += [(message, size) for message, size, seq in held_events if seq > upto]
         connection.send_all(opening.messages)
@@ -299,7 +299,7 @@ class Channels:
                     break
                 counts = await self.count_in(connection, channel)
                 self._broadcaster.registry.join(channel, connection)
-                connection.channels.append(channel)
+                connection.channels += (channel,)
                 resumed.join(channel, counts)
         if self._broadcaster.shared:
             for channel in resumed.joined:
@@ -339,7 +339,7 @@ class Channels:
     def leave(self, connection: Connection, channel: str, reason: str | None, *, notify: bool = True) -> None:
         """Unsubscribe a connection from a channel now (UNSUBSCRIBE, `unsubscribe_user`, or its close)."""
         if channel in connection.channels:
-            connection.channels.remove(channel)
+            connection.channels = tuple(held for held in connection.channels if held != channel)
             self._broadcaster.registry.leave(channel, connection)
             self._undo(connection, channel)
         if notify:
@@ -350,7 +350,7 @@ class Channels:
 
     def forget(self, connection: Connection) -> None:
         """A closed connection leaves every channel it held."""
-        for channel in tuple(connection.channels):
+        for channel in connection.channels:
             self.leave(connection, channel, None, notify=False)
 
     async def _uncount(self, user_id: str, channel: str) -> None:

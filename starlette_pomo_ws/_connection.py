@@ -86,7 +86,9 @@ class Connection(Outbox):
         self._bucket = float(settings.client_message_burst)
         self._bucket_time = self._last_sent
         self._strikes = 0
-        self.channels: list[str] = []  # the channels this connection holds (a list: a few pointers each)
+        # The channels this connection holds: a tuple, rebuilt on each change (a connection holds a few, and
+        # most none: the empty tuple costs nothing).
+        self.channels: tuple[str, ...] = ()
         self.joining = 0  # subscribes being read
 
     def __repr__(self) -> str:
