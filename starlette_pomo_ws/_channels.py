@@ -405,8 +405,8 @@ class Channels:
     def on_presence(self, arguments: Mapping[str, Any]) -> None:
         """A presence change from any node: tell this node's subscribers of the channel."""
         channel = arguments.get("channel")
-        if not isinstance(channel, str):
-            return
+        if not isinstance(channel, str) or not self.is_presence(channel):
+            return  # a shared backend reports every channel's departures; only presence channels tell them
         connections = self._broadcaster.registry.of_channel(channel)
         if not connections:
             return
