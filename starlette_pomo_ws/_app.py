@@ -24,7 +24,7 @@ from ._auth import (
     user_id_problem,
 )
 from ._broadcaster import _NOT_STARTED, Broadcaster, fit_reason
-from ._channels import AuthorizeChannel, channel_problem
+from ._channels import AuthorizeChannel
 from ._connection import Connection
 from ._events import CursorSigner, iso_timestamp
 from ._lifespan import install_bare_route, route_from_scope, route_loaded_apps_soon, warn_if_unshared_in_workers
@@ -385,10 +385,7 @@ class PomoWS:
             if type_ == "SUBSCRIBE":
                 await channels.subscribe(connection, name, data.get("since"))
             elif type_ == "UNSUBSCRIBE":
-                if isinstance(name, str) and (problem := channel_problem(name)) is None:
-                    channels.leave(connection, name, None)
-                else:
-                    _error(connection, "invalid_channel", f"Invalid channel name: {problem or 'not a string'}.")
+                channels.unsubscribe(connection, name)
             else:
                 await channels.answer_presence(connection, name)
         except BackendUnavailable:

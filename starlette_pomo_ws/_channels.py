@@ -336,6 +336,13 @@ class Channels:
 
     # -- leaving ------------------------------------------------------------------------------------------
 
+    def unsubscribe(self, connection: Connection, name: Any) -> None:
+        """A client's UNSUBSCRIBE: answered `UNSUBSCRIBED` even for a channel it does not hold."""
+        if problem := channel_problem(name):
+            _error(connection, "invalid_channel", f"Invalid channel name: {problem}.", name)
+        else:
+            self.leave(connection, name, None)
+
     def leave(self, connection: Connection, channel: str, reason: str | None, *, notify: bool = True) -> None:
         """Unsubscribe a connection from a channel now (UNSUBSCRIBE, `unsubscribe_user`, or its close)."""
         if channel in connection.channels:
@@ -400,7 +407,8 @@ class Channels:
         elif not self.is_presence(name):
             _error(connection, "not_presence_channel", f"{name!r} is not a presence channel.", name)
         else:
-            connection.notify(EventType.PRESENCE, await self.presence_data(name))
+            data = await self.presence_data(name)
+            connection.send_all([_message(_channel_text(EventType.PRESENCE, name, data))])
 
     def on_presence(self, arguments: Mapping[str, Any]) -> None:
         """A presence change from any node: tell this node's subscribers of the channel."""

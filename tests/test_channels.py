@@ -246,6 +246,12 @@ async def test_bad_names_too_many_channels_and_floods_get_clear_errors() -> None
         assert (await recv(ws))["type"] == "SUBSCRIBED"
         await send(ws, "SUBSCRIBE")
         assert (await recv(ws))["data"]["code"] == "invalid_message"
+        await send(ws, "UNSUBSCRIBE", channel="not valid")
+        assert (await recv(ws))["data"] == {
+            "code": "invalid_channel",
+            "message": "Invalid channel name: channel names are 1 to 200 characters from A-Z a-z 0-9 _ - . : @ =.",
+            "channel": "not valid",
+        }
 
 
 async def test_a_retained_event_is_the_state_a_later_subscriber_gets_first() -> None:
@@ -392,6 +398,7 @@ async def test_presence_joins_once_per_user_and_leaves_with_the_last_tab() -> No
         assert joined[0]["channel"] == "team:1"
         await send(watcher, "PRESENCE", channel="team:1")
         answer = await recv(watcher)
+        assert (answer["type"], answer["userId"], answer["channel"]) == ("PRESENCE", None, "team:1")
         assert answer["data"]["users"] == [
             {"userId": "alice", "connections": 3},
             {"userId": "watcher", "connections": 1},
