@@ -24,6 +24,7 @@ from ._auth import (
     user_id_problem,
 )
 from ._broadcaster import _NOT_STARTED, Broadcaster, fit_reason
+from ._channels import AuthorizeChannel, channel_problem
 from ._connection import Connection
 from ._events import CursorSigner, iso_timestamp
 from ._lifespan import install_bare_route, route_from_scope, route_loaded_apps_soon, warn_if_unshared_in_workers
@@ -34,7 +35,7 @@ from ._types import Message, Receive, Scope, Send
 from ._wrap import Wrapped
 from .backends import create_backend
 from .backends.base import Backend
-from .exceptions import AuthenticationError
+from .exceptions import AuthenticationError, BackendUnavailable
 
 __all__ = ["PomoWS"]
 
@@ -42,7 +43,8 @@ logger = logging.getLogger("starlette_pomo_ws")
 
 OnMessage = Callable[[Connection, dict[str, Any]], Awaitable[None]]
 _MAX_STRIKES = 10
-_CLIENT_TYPES = ("PING", "REFRESH_TOKEN")  # the client message types handled here, without an on_message
+# The client message types handled here, without an on_message.
+_CLIENT_TYPES = ("PING", "REFRESH_TOKEN", "SUBSCRIBE", "UNSUBSCRIBE", "PRESENCE")
 
 
 class PomoWS:
@@ -55,6 +57,9 @@ class PomoWS:
         authenticate: replaces the JWT check: an async callable that receives the handshake's
             `HTTPConnection` and returns a `Principal`, or raises `AuthenticationError(reason)`.
         on_message: receives client messages of types the protocol does not handle itself.
+        authorize_channel: decides who may subscribe to a channel, on every subscribe and every resume:
+            `async (principal, channel) -> bool`. Without it, the token's `channels` claim does (a list of
+            exact names and `prefix*` patterns); with neither, every subscribe is refused.
 
     Attributes:
         settings: the settings in force.
@@ -75,6 +80,7 @@ class PomoWS:
         backend: Backend | None = None,
         authenticate: Authenticate | None = None,
         on_message: OnMessage | None = None,
+        authorize_channel: AuthorizeChannel | None = None,
     ) -> None:
         self.settings = Settings.from_env() if settings is None else settings
         self._custom_backend = backend is not None
@@ -83,7 +89,7 @@ class PomoWS:
         self._custom_authenticate = authenticate is not None
         self._authenticate: Authenticate | None = authenticate
         self.on_message = on_message
-        self.broadcaster = Broadcaster(self.settings, backend)
+        self.broadcaster = Broadcaster(self.settings, backend, authorize_channel)
         self._starts = 0
         self._metrics_collector: MetricsCollector | None = None
         self._metrics_registry: Any = None
@@ -286,8 +292,9 @@ class PomoWS:
             await connection.accepted()
             logger.info("WebSocket connected: user %r, connection %s", connection.user_id, connection.id)
             try:
-                last_event_id = connection_info.query_params.get("last_event_id")
-                await broadcaster.establish(connection, last_event_id)
+                query = connection_info.query_params
+                channels = [name for name in query.get("channels", "").split(",") if name]
+                await broadcaster.establish(connection, query.get("last_event_id"), channels)
             except Exception:
                 logger.exception("Could not establish connection %s", connection.id)
                 connection.abort(1011, "Internal error")
@@ -313,7 +320,7 @@ class PomoWS:
             if kind == "websocket.disconnect":
                 connection.disconnected(message.get("code") or 1005)
                 return
-            if kind != "websocket.receive" or connection.released:
+            if kind != "websocket.receive" or connection.released():
                 continue
             text = message.get("text")
             if text is None:
@@ -356,6 +363,8 @@ class PomoWS:
             connection.notify("PONG")
         elif type_ == "REFRESH_TOKEN":
             await self._refresh(connection, payload.get("data"))
+        elif type_ in ("SUBSCRIBE", "UNSUBSCRIBE", "PRESENCE"):
+            await self._channel_message(connection, type_, payload.get("data"))
         elif self.on_message is not None:
             try:
                 await self.on_message(connection, payload)
@@ -363,8 +372,27 @@ class PomoWS:
                 logger.exception("on_message failed for connection %s (user %r)", connection.id, connection.user_id)
                 _error(connection, "handler_error", "The server could not handle this message.")
         else:
-            accepted = " and ".join(_CLIENT_TYPES)
+            accepted = ", ".join(_CLIENT_TYPES[:-1]) + " and " + _CLIENT_TYPES[-1]
             _error(connection, "unknown_type", f"Unknown message type {type_[:64]!r}; this server accepts {accepted}.")
+
+    async def _channel_message(self, connection: Connection, type_: str, data: Any) -> None:
+        channels = self.broadcaster.channels
+        if not isinstance(data, dict) or "channel" not in data:
+            _error(connection, "invalid_message", f"{type_} needs data.channel.")
+            return
+        name = data["channel"]
+        try:
+            if type_ == "SUBSCRIBE":
+                await channels.subscribe(connection, name, data.get("since"))
+            elif type_ == "UNSUBSCRIBE":
+                if isinstance(name, str) and (problem := channel_problem(name)) is None:
+                    channels.leave(connection, name, None)
+                else:
+                    _error(connection, "invalid_channel", f"Invalid channel name: {problem or 'not a string'}.")
+            else:
+                await channels.answer_presence(connection, name)
+        except BackendUnavailable:
+            _error(connection, "unavailable", "The server cannot reach its backend right now; try again.")
 
     async def _refresh(self, connection: Connection, data: Any) -> None:
         token = data.get("token") if isinstance(data, dict) else None

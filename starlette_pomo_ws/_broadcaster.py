@@ -8,9 +8,10 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._channels import AuthorizeChannel, Channels, channel_problem
 from ._connection import Connection
 from ._events import (
     CursorSigner,
@@ -27,6 +28,7 @@ from ._events import (
 from ._metrics import Stats
 from ._outbox import Outbox
 from ._registry import Registry
+from ._subscriptions import Subscriptions
 from ._types import Message
 from .backends.base import Backend, Record
 from .exceptions import BackendUnavailable, NotStartedError
@@ -54,7 +56,7 @@ class Broadcaster:
     Get it as `request.state.broadcaster`, `Depends(get_broadcaster)`, or `pomo.broadcaster`.
     """
 
-    def __init__(self, settings: Settings, backend: Backend) -> None:
+    def __init__(self, settings: Settings, backend: Backend, authorize_channel: AuthorizeChannel | None = None) -> None:
         self.settings = settings
         self.backend = backend
         self.node_id = secrets.token_hex(4)
@@ -73,8 +75,9 @@ class Broadcaster:
         self._expiry_ids = itertools.count()
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._subscriptions: dict[str, asyncio.Future[None]] = {}
-        self._unsubscribing: dict[str, asyncio.Task[None]] = {}
+        # The user streams this node receives from a shared backend (one per user with a local connection).
+        self._subscriptions = Subscriptions(backend.subscribe, backend.unsubscribe, self.spawn)
+        self.channels = Channels(self, authorize_channel)
         self._last_all = 0.0
         self._user_activity: dict[str, float] = {}
         self._last_id: tuple[int, str] = (0, "")
@@ -89,6 +92,11 @@ class Broadcaster:
     def running(self) -> bool:
         """Whether `pomo.lifespan` started the broadcaster (and it has not stopped)."""
         return self._running
+
+    @property
+    def shared(self) -> bool:
+        """Whether the backend is shared with other processes (then streams are subscribed per node)."""
+        return self._shared
 
     @property
     def accepting(self) -> bool:
@@ -155,14 +163,42 @@ class Broadcaster:
         """
         return await self._publish(None, type, data)
 
-    async def _publish(self, user_id: str | None, type: str, data: Any) -> Event:
+    async def broadcast_to_channel(self, channel: str, type: str, data: Any = None, *, retain: bool = False) -> Event:
+        """Send an event to every connection subscribed to `channel`, on every node (`userId` is `null`,
+        and the envelope adds `"channel"`).
+
+        Returns once the event is stored in the channel's history (for resume). Nobody subscribed costs
+        one backend write and no fan-out.
+
+        Args:
+            channel: the channel, e.g. `"team:42"` (1 to 200 characters from `A-Z a-z 0-9 _ - . : @ =`).
+            type: the event type (any string).
+            data: JSON-serialisable payload, as for `broadcast_to_user`.
+            retain: keep this event as the channel's state: every later subscriber gets it right after
+                `SUBSCRIBED` (with `"retained": true`), until another retained event replaces it.
+
+        Raises:
+            ValueError: `channel` is not a valid channel name.
+            TypeError: `data` cannot be encoded as JSON.
+            BackendUnavailable: the backend cannot be reached; the event was not published.
+            NotStartedError: `pomo.lifespan` was never started.
+        """
+        _check_channel(channel)
+        return await self._publish(None, type, data, channel, retain)
+
+    async def _publish(
+        self, user_id: str | None, type: str, data: Any, channel: str | None = None, retain: bool = False
+    ) -> Event:
         self._check_running()
         type = str(type.value if isinstance(type, EventType) else type)
         timestamp = iso_timestamp()
-        head = envelope_head(type, user_id, dumps(data), timestamp)
+        head = envelope_head(type, user_id, dumps(data), timestamp, channel)
         started = time.perf_counter()
         try:
-            record = await self.backend.publish(user_id, head)
+            if channel is None:
+                record = await self.backend.publish(user_id, head)
+            else:
+                record = await self.backend.publish_to_channel(channel, head, retain)
         except BackendUnavailable:
             self.stats.backend_errors += 1
             raise
@@ -170,7 +206,7 @@ class Broadcaster:
         seq, event_id = self._last_id
         if seq != record.seq:
             event_id = self._sign(record.epoch, record.seq, user_id)
-        return Event(type, user_id, data, timestamp, event_id)
+        return Event(type, user_id, data, timestamp, event_id, channel)
 
     def _sign(self, epoch: str, seq: int, user_id: str | None) -> str:
         assert self._signer is not None
@@ -187,7 +223,14 @@ class Broadcaster:
         size = wire_size(text)
         if record.published_at:
             self.stats.pubsub_lag.observe(max(0.0, time.time() - record.published_at))
-        if user_id is None:
+        channel = record.channel
+        if channel is not None:
+            connections = self.registry.of_channel(channel)
+            if channel in self.channels.joining:  # subscribers whose replay is being read
+                self.channels.hold(channel, message, size, seq)
+            if not connections:
+                return
+        elif user_id is None:
             self._last_all = time.monotonic()
             connections = self.registry.everyone()
         else:
@@ -228,11 +271,82 @@ class Broadcaster:
                 return
             for connection in self.registry.of_user(user_id):
                 connection.abort(1000, reason if isinstance(reason, str) and reason else "Disconnected by the server")
+        elif kind == "presence":
+            self.channels.on_presence(arguments)
+        elif kind in ("subscribe_user", "unsubscribe_user"):
+            user_id, channel = arguments.get("user_id"), arguments.get("channel")
+            if not isinstance(user_id, str) or not isinstance(channel, str) or channel_problem(channel):
+                logger.warning("Ignored a %s control message without a user id and a channel", kind)
+                return
+            for connection in self.registry.of_user(user_id):
+                if kind == "subscribe_user":
+                    _ = self.spawn(self.channels.subscribe(connection, channel, None, authorized=True))
+                else:
+                    reason = arguments.get("reason")
+                    self.channels.leave(connection, channel, reason if isinstance(reason, str) else None)
         elif kind == "resync":
-            # The backend lost events it cannot recover (a new epoch): every socket must resume, and will
-            # then get RESYNC_REQUIRED. 1012 is "service restart": clients reconnect and resume.
-            for connection in self.registry.everyone():
+            self._resync(arguments)
+
+    async def subscribe_user(self, user_id: str, channel: str) -> None:
+        """Subscribe every connection of `user_id`, on every node, to `channel` (no authorization check:
+        the server decided). Each gets `SUBSCRIBED`, as if it had asked.
+
+        A reconnecting client re-subscribes through its resume, which is authorized as usual: let
+        `authorize_channel` (or the token's `channels` claim) agree.
+
+        Raises:
+            ValueError: `channel` is not a valid channel name.
+            BackendUnavailable: the backend cannot be reached.
+            NotStartedError: `pomo.lifespan` was never started.
+        """
+        self._check_running()
+        _check_channel(channel)
+        await self.backend.send_control("subscribe_user", {"user_id": str(user_id), "channel": channel})
+
+    async def unsubscribe_user(self, user_id: str, channel: str, reason: str = "Unsubscribed by the server") -> None:
+        """Unsubscribe every connection of `user_id`, on every node, from `channel` at once ("removed from
+        the team"): each gets `UNSUBSCRIBED` with `data.reason`, and no further event of the channel.
+
+        Raises:
+            ValueError: `channel` is not a valid channel name.
+            BackendUnavailable: the backend cannot be reached.
+            NotStartedError: `pomo.lifespan` was never started.
+        """
+        self._check_running()
+        _check_channel(channel)
+        arguments = {"user_id": str(user_id), "channel": channel, "reason": reason}
+        await self.backend.send_control("unsubscribe_user", arguments)
+
+    async def channel_subscriber_count(self, channel: str) -> int:
+        """Connections subscribed to `channel`, on every node."""
+        self._check_running()
+        _check_channel(channel)
+        return await self.backend.channel_subscriber_count(channel)
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        """Who is in `channel`, on every node: user id to connection count."""
+        self._check_running()
+        _check_channel(channel)
+        return await self.backend.channel_members(channel)
+
+    def _resync(self, arguments: Mapping[str, Any]) -> None:
+        """The backend lost events it cannot recover (a new epoch, or history trimmed while this node was
+        cut off), and live events continue after the position it gives.
+
+        An established socket stays up: it gets RESYNC_REQUIRED with that position, in band, and then the
+        events after it (the client refetches its state, which holds everything before). A socket still
+        being established (or subscribing) read a position of the old numbering: it is closed with 1012
+        "Service restart", reconnects and resumes, and gets RESYNC_REQUIRED then.
+        """
+        epoch, seq, reason = arguments.get("epoch"), arguments.get("seq"), arguments.get("reason")
+        position = Position(epoch, seq) if isinstance(epoch, str) and isinstance(seq, int) else None
+        for connection in self.registry.everyone():
+            if position is None or not connection.established or connection.joining:
                 connection.abort(1012, "Service restart")
+                continue
+            connection.rebase(position.seq)
+            data = {"reason": reason if isinstance(reason, str) else "new_epoch"}
+            connection.notify_with_id(EventType.RESYNC_REQUIRED, data, self._position_id(position, connection.user_id))
 
     # -- counts ---------------------------------------------------------------------------------------
 
@@ -278,7 +392,7 @@ class Broadcaster:
             except BaseException:
                 # It may be recorded although the call failed (a lost reply, an error after the write):
                 # undo it, whatever the error, or it would count against the user until it expires.
-                _ = self._spawn(self.backend.remove_presence(self.node_id, connection.user_id, connection.id))
+                _ = self.spawn(self.backend.remove_presence(self.node_id, connection.user_id, connection.id))
                 raise
             if count > limit:
                 await self.backend.remove_presence(self.node_id, connection.user_id, connection.id)
@@ -287,13 +401,23 @@ class Broadcaster:
         self.registry.add(connection)
         return True
 
-    async def establish(self, connection: Connection, last_event_id: str | None) -> None:
-        """Subscribe, then send CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events."""
+    async def establish(self, connection: Connection, last_event_id: str | None, channels: Sequence[str] = ()) -> None:
+        """Subscribe, then send CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events.
+
+        `channels` are the handshake's `channels=`: each is authorized, then its events join the replay.
+        """
         user_id = connection.user_id
         if self._shared:  # the memory backend delivers every event of this process: nothing to subscribe
-            await self._subscribe(user_id)
-        if connection.released:
+            await self._subscriptions.acquire(user_id)
+        if connection.released():
             return
+        resumed = None
+        joined: list[str] = []
+        if channels:
+            resumed = await self.channels.resume(connection, channels)
+            joined = resumed.joined
+            if connection.released():
+                return
         resync_reason: str | None = None
         replay: list[Record] = []
         if last_event_id:
@@ -303,7 +427,7 @@ class Broadcaster:
                 resync_reason = "unknown_cursor"
                 position = await self.backend.position()
             else:
-                history = await self.backend.history(user_id, cursor)
+                history = await self.backend.history(user_id, cursor, joined)
                 position = history.position
                 if history.complete:
                     replay = list(history.records)
@@ -336,44 +460,36 @@ class Broadcaster:
                     )
                 )
             )
+        if resumed is not None:
+            fresh = not established["resumed"]
+            texts = await self.channels.resumed_opening(connection, resumed, position, fresh)
+            messages += [_text(text) for text in texts]
         for record in replay:
-            messages.append(_text(with_id(record.head, self._sign(record.epoch, record.seq, record.user_id))))
+            messages.append(_text(with_id(record.head, self.sign(record))))
             skip_upto = record.seq
+        if connection.released():
+            return
         if connection.expires_at is not None:
             self.schedule_expiry(connection)
         connection.establish(messages, skip_upto)
-
-    async def _subscribe(self, user_id: str) -> None:
-        """Make sure this node receives `user_id`'s events before its history is read (the resume seam).
-
-        The first connection of a user subscribes; later ones wait for that same subscription (and try
-        themselves if its subscriber was cancelled). On the memory backend this never suspends.
-        """
-        while (subscription := self._subscriptions.get(user_id)) is not None:
-            if not subscription.done():
-                await asyncio.wait({subscription})
-            if not subscription.cancelled():
-                subscription.result()  # raises the subscriber's error, if it had one
-                return
-        own = self._subscriptions[user_id] = asyncio.get_running_loop().create_future()
-        try:
-            unsubscribing = self._unsubscribing.get(user_id)
-            if unsubscribing is not None:  # let the backend see UNSUBSCRIBE before this SUBSCRIBE
-                await asyncio.wait({unsubscribing})
-            await self.backend.subscribe(user_id)
-        except BaseException as exc:
-            if self._subscriptions.get(user_id) is own:
-                del self._subscriptions[user_id]
-            if isinstance(exc, Exception):
-                own.set_exception(exc)
-                own.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
-            else:
-                own.cancel()
-            raise
-        own.set_result(None)
+        if resumed is not None:
+            self.channels.announce_all(connection, resumed)
 
     def _position_id(self, position: Position, user_id: str) -> str:
         return self._sign(position.epoch, position.seq, user_id)
+
+    def position_id(self, position: Position) -> str:
+        """A position's cursor, valid for every user (a position alone reveals nothing)."""
+        return self._sign(position.epoch, position.seq, None)
+
+    def sign(self, record: Record) -> str:
+        """A stored event's cursor: bound to its user for a user's event, valid for everyone otherwise."""
+        return self._sign(record.epoch, record.seq, record.user_id)
+
+    def verify(self, cursor: str, user_id: str) -> Position | None:
+        """The position a client's cursor stands for, or `None` when it is forged, malformed or another user's."""
+        assert self._signer is not None
+        return self._signer.verify(cursor, user_id)
 
     def forget(self, connection: Connection) -> None:
         """Forget a closed connection (called once, synchronously, by `Connection.release`)."""
@@ -381,22 +497,14 @@ class Broadcaster:
         if connection.expiry_token >= 0:
             self._forget_expiry(connection)
         user_id = connection.user_id
+        if connection.channels:
+            self.channels.forget(connection)
         if self.registry.remove(connection):
             self._user_activity.pop(user_id, None)
-            subscription = self._subscriptions.pop(user_id, None)
-            if subscription is not None and self._running:
-                self._unsubscribing[user_id] = self._spawn(self._unsubscribe(user_id, subscription))
+            if self._running:
+                self._subscriptions.release(user_id)
         if self._shared and self._running:
-            _ = self._spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))  # kept in _tasks
-
-    async def _unsubscribe(self, user_id: str, subscription: asyncio.Future[None]) -> None:
-        try:
-            await asyncio.wait({subscription})  # whatever its outcome, undo what it may have done
-            if user_id not in self._subscriptions:
-                await self.backend.unsubscribe(user_id)
-        finally:
-            if self._unsubscribing.get(user_id) is asyncio.current_task():
-                del self._unsubscribing[user_id]
+            _ = self.spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))  # kept in _tasks
 
     def track(self, closing: Coroutine[Any, Any, None]) -> None:
         """Run a connection's close in a task that shutdown waits for (a bounded time)."""
@@ -404,7 +512,8 @@ class Broadcaster:
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a background backend call; shutdown cancels it, and its failure is logged."""
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -530,6 +639,11 @@ def _fan_out(
         if connection.put(message, size, seq, context):
             sent += 1
     return sent
+
+
+def _check_channel(channel: str) -> None:
+    if problem := channel_problem(channel):
+        raise ValueError(f"Invalid channel name {channel!r}: {problem}.")
 
 
 def _text(text: str) -> dict[str, Any]:

@@ -53,9 +53,11 @@ class Connection(Outbox):
         "_started",
         "_strikes",
         "_woken",
+        "channels",
         "expires_at",
         "expiry_token",
         "id",
+        "joining",
         "principal",
         "scope",
         "user_id",
@@ -84,6 +86,10 @@ class Connection(Outbox):
         self._bucket = float(settings.client_message_burst)
         self._bucket_time = self._last_sent
         self._strikes = 0
+        # The channels this connection holds: a tuple, rebuilt on each change (a connection holds a few, and
+        # most none: the empty tuple costs nothing).
+        self.channels: tuple[str, ...] = ()
+        self.joining = 0  # subscribes being read
 
     def __repr__(self) -> str:
         return f"<Connection id={self.id!r} user_id={self.user_id!r}>"
@@ -105,6 +111,19 @@ class Connection(Outbox):
         if context.run(self.put, {"type": "websocket.send", "text": text}, size, ALWAYS, context):
             self.count(size)
 
+    def notify_with_id(self, type: str, data: Any, event_id: str) -> None:
+        """A protocol message that carries a position (RESYNC_REQUIRED): the client stores it as its cursor."""
+        text = protocol_message(type, self.user_id, data, event_id)
+        self.send_all([({"type": "websocket.send", "text": text}, wire_size(text))])
+
+    def send_all(self, messages: Iterable[tuple[Message, int]]) -> None:
+        """Send messages, with their sizes, after everything sent so far (a subscribe's opening)."""
+        context = contextvars.copy_context()
+        put = self.put
+        for message, size in messages:
+            if context.run(put, message, size, ALWAYS, context):
+                self.count(size)
+
     def establish(self, messages: Iterable[Message], upto: int) -> None:
         """Send CONNECTION_ESTABLISHED and the replay (events up to seq `upto`), then the live events."""
         self._started = True
@@ -115,8 +134,8 @@ class Connection(Outbox):
     def established(self) -> bool:
         return self._started and not self._released
 
-    @property
     def released(self) -> bool:
+        """Whether the connection left the registry (a method: it changes across every await)."""
         return self._released
 
     @property

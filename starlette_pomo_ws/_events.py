@@ -37,6 +37,14 @@ class EventType(str, enum.Enum):
     TOKEN_EXPIRING = "TOKEN_EXPIRING"
     REFRESH_TOKEN = "REFRESH_TOKEN"
     TOKEN_REFRESHED = "TOKEN_REFRESHED"
+    # Channels and presence.
+    SUBSCRIBE = "SUBSCRIBE"
+    SUBSCRIBED = "SUBSCRIBED"
+    UNSUBSCRIBE = "UNSUBSCRIBE"
+    UNSUBSCRIBED = "UNSUBSCRIBED"
+    PRESENCE = "PRESENCE"
+    PRESENCE_JOIN = "PRESENCE_JOIN"
+    PRESENCE_LEAVE = "PRESENCE_LEAVE"
 
     def __str__(self) -> str:
         return self.value
@@ -48,10 +56,11 @@ class Event:
 
     Attributes:
         type: the event type, e.g. `"TASK_CREATED"`.
-        user_id: the target user, or `None` for `broadcast_to_all`.
+        user_id: the target user, or `None` for `broadcast_to_all` and `broadcast_to_channel`.
         data: the payload as given by the caller.
         timestamp: when it was published, in the wire format (`2025-01-06T12:00:00.000Z`).
         id: the opaque resume cursor that clients see as `id`.
+        channel: the channel of a `broadcast_to_channel` event, else `None`.
     """
 
     type: str
@@ -59,6 +68,7 @@ class Event:
     data: Any
     timestamp: str
     id: str
+    channel: str | None = None
 
 
 class Position(NamedTuple):
@@ -195,11 +205,15 @@ def _json_string(value: str | None) -> str:
     return _encoder.encode(value)
 
 
-def envelope_head(type_: str, user_id: str | None, data_json: str, timestamp: str) -> str:
-    """The envelope without its closing brace, so that a node can append the `id` once per event."""
-    return (
+def envelope_head(type_: str, user_id: str | None, data_json: str, timestamp: str, channel: str | None = None) -> str:
+    """The envelope without its closing brace, so that a node can append the `id` once per event.
+
+    A channel's events add `"channel"` (channel names need no escaping).
+    """
+    head = (
         f'{{"type":{_json_string(type_)},"userId":{_json_string(user_id)},"data":{data_json},"timestamp":"{timestamp}"'
     )
+    return head if channel is None else f'{head},"channel":"{channel}"'
 
 
 def wire_size(text: str) -> int:

@@ -141,6 +141,10 @@ class Outbox:
                     upto = seq
         self._floor = upto
 
+    def rebase(self, seq: int) -> None:
+        """Live events continue after `seq` (a new epoch numbers its events anew): only those go out."""
+        self._floor = seq
+
     def count(self, size: int) -> None:
         stats = self._stats
         stats.messages_sent += 1

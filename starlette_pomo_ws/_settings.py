@@ -10,6 +10,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from ._channels import channel_pattern_problem
 from .exceptions import ConfigurationError
 
 __all__ = ["Settings"]
@@ -56,11 +57,15 @@ class Settings:
     max_message_size: int = 65536
     client_message_rate: float = 20
     client_message_burst: int = 40
+    max_channels_per_connection: int = 64
+    presence_channels: tuple[str, ...] = ()
+    presence_ttl: float = 30
+    presence_max_members: int = 100
     metrics: bool = False
     health_details: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("jwt_algorithms", "allowed_origins"):
+        for name in ("jwt_algorithms", "allowed_origins", "presence_channels"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise ConfigurationError(f"Setting '{name}' must be a tuple of strings, not the string {value!r}.")
@@ -76,6 +81,9 @@ class Settings:
             "max_message_size",
             "client_message_rate",
             "client_message_burst",
+            "max_channels_per_connection",
+            "presence_ttl",
+            "presence_max_members",
         )
         for name in non_negative + positive:
             value = getattr(self, name)
@@ -88,6 +96,12 @@ class Settings:
             raise ConfigurationError(
                 f"Setting 'redis_min_replicas' must be a whole number, not {self.redis_min_replicas!r}."
             )
+        for pattern in self.presence_channels:
+            if not isinstance(pattern, str) or channel_pattern_problem(pattern):
+                raise ConfigurationError(
+                    f"Setting 'presence_channels' has {pattern!r}; write channel names or prefix patterns such as "
+                    "'team:*' (letters, digits and _ - . : @ =, with an optional '*' at the end)."
+                )
         if not self.jwt_algorithms:
             raise ConfigurationError("Setting 'jwt_algorithms' is empty; name at least one algorithm, e.g. ('HS256',).")
         if not self.user_id_claim:

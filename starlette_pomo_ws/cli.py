@@ -1,9 +1,9 @@
 """The `pomo-ws` command: mint a dev token, run the demo, listen to a stream.
 
 ```
-pomo-ws token alice --ttl 600 [--secret=KEY | --secret-file PATH]
+pomo-ws token alice --ttl 600 [--secret=KEY | --secret-file PATH] [--channel 'team:*' ...]
 pomo-ws demo --port 8000 [--redis redis://localhost:6379/0]
-pomo-ws listen ws://127.0.0.1:8000/ws --token "$TOKEN"
+pomo-ws listen ws://127.0.0.1:8000/ws --token "$TOKEN" [--channel team:42 ...]
 ```
 
 Exit codes: 0 on success, 1 when something fails at run time (a taken port, a refused
@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "starts with '-' works too, best written --secret=-KEY",
     )
     token.add_argument("--secret-file", metavar="PATH", help="read the HMAC secret from this file")
+    token.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="put this channel, or prefix pattern ending in '*' (e.g. 'team:42:*'), in the token's channels claim "
+        "(repeatable); servers without authorize_channel let the token subscribe to these",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -113,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=_port, default=8000, help="the port to bind (default 8000)")
     demo.add_argument("--redis", metavar="URL", help="use Redis, e.g. redis://localhost:6379/0 (default: memory)")
     demo.add_argument("--db", default=None, metavar="PATH", help="the SQLite file (default ./pomo-demo.sqlite3)")
-    demo.add_argument("--user", default="demo", help="the user of the printed token (default demo)")
+    demo.add_argument(
+        "--user", default="demo", help="the user of the printed token (default demo; NAME@TEAM is a member of TEAM)"
+    )
     demo.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
     )
@@ -127,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("url", metavar="URL", help="the WebSocket URL, e.g. ws://127.0.0.1:8000/ws")
     listen.add_argument("--token", help="the token (default: $POMO_WS_TOKEN)")
     listen.add_argument("--last-event-id", metavar="ID", help="resume after this event id")
+    listen.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="subscribe to this channel too, e.g. team:42 (repeatable); reconnects resume it with the one cursor",
+    )
     listen.add_argument("--count", type=int, metavar="N", help="exit after printing N events")
     listen.add_argument(
         "--max-retries", type=int, default=None, metavar="N", help="give up after N failed attempts in a row"
@@ -211,10 +228,25 @@ def _token(args: argparse.Namespace) -> int:
         settings.check(custom_authenticate=False)
     except ConfigurationError as exc:
         raise CLIError(f"the server would refuse this secret, so no token was minted: {exc}", 2) from exc
+    for pattern in args.channel:
+        _check_pattern(pattern)
     now = int(time.time())
-    token = mint_token(settings, args.user, ttl=args.ttl, iat=now)
+    claims: dict[str, Any] = {"channels": args.channel} if args.channel else {}
+    token = mint_token(settings, args.user, ttl=args.ttl, iat=now, **claims)
     print(token)
     return 0
+
+
+def _check_pattern(pattern: str) -> None:
+    from .client import _check_channel
+
+    prefix = pattern.removesuffix("*")
+    if not prefix and pattern:
+        return  # "*": every channel
+    try:
+        _check_channel(prefix)
+    except ValueError as exc:
+        raise CLIError(f"--channel: {exc}", 2) from None
 
 
 # -- demo -------------------------------------------------------------------------------------------
@@ -261,7 +293,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - uvicorn is in the demo and test extras
         raise CLIError("the demo needs uvicorn: pip install 'starlette-pomo-ws[demo]'") from exc
     from .demo.app import DEFAULT_DB_PATH, create_app
-    from .demo.tokens import LOOPBACK_HOSTS, demo_settings, is_loopback, mint_token
+    from .demo.tokens import LOOPBACK_HOSTS, demo_settings, demo_token, is_loopback
 
     if not is_loopback(args.host) and not args.allow_remote:
         raise CLIError(
@@ -285,7 +317,7 @@ def _demo(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     shown = display_host(args.host)
     base = f"http://{shown}:{port}"
-    token = mint_token(settings, args.user, ttl=24 * 3600, iat=int(time.time()))
+    token = demo_token(settings, args.user, ttl=24 * 3600, iat=int(time.time()))
     app = create_app(settings, db_path=args.db or DEFAULT_DB_PATH, allowed_hosts=allowed_hosts)
 
     lines = [""]
@@ -351,6 +383,10 @@ def _listen(args: argparse.Namespace) -> int:
         raise CLIError("pass --token (or set POMO_WS_TOKEN); `pomo-ws token USER` mints one.", 2)
     if args.count is not None and args.count < 1:
         raise CLIError("--count must be 1 or more.", 2)
+    for channel in args.channel:
+        if channel.endswith("*"):
+            raise CLIError(f"--channel {channel!r}: listen subscribes to channel names, not patterns.", 2)
+        _check_pattern(channel)
     return asyncio.run(_listen_async(args, token))
 
 
@@ -363,6 +399,7 @@ async def _listen_async(args: argparse.Namespace, token: str) -> int:
         last_event_id=args.last_event_id,
         max_retries=args.max_retries,
         on_status=None if args.quiet else print_status,
+        channels=args.channel,
     )
     printed = 0
     try:
@@ -375,5 +412,6 @@ async def _listen_async(args: argparse.Namespace, token: str) -> int:
     except ConnectionRefused as exc:
         raise CLIError(str(exc)) from exc
     if not args.quiet and client.last_event_id:
-        print(f"-- resume with --last-event-id {client.last_event_id}", file=sys.stderr, flush=True)
+        channels = "".join(f" --channel {channel}" for channel in client.channels)
+        print(f"-- resume with --last-event-id {client.last_event_id}{channels}", file=sys.stderr, flush=True)
     return 0

@@ -8,6 +8,13 @@ async def test_task_created() -> None:
     async with PomoTestClient(app) as client, client.connect("u1") as ws:
         await client.broadcaster.broadcast_to_user("u1", "TASK_CREATED", {"title": "Write docs"})
         await ws.expect("TASK_CREATED", data={"title": "Write docs"})
+
+
+async def test_team_channel() -> None:
+    async with PomoTestClient(app) as client, client.connect("u1", claims={"channels": ["team:*"]}) as ws:
+        await ws.subscribe("team:42")
+        await client.broadcaster.broadcast_to_channel("team:42", "TIMER_STARTED", {"minutes": 25})
+        await ws.expect("TIMER_STARTED", channel="team:42")
 ```
 
 Everything runs in the test's own event loop (asyncio; with pytest use the anyio plugin and pin
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
     from ._broadcaster import Broadcaster
 
 __all__ = [
+    "ChannelRefused",
     "PomoTestClient",
     "PomoWebSocket",
     "ReceiveTimeout",
@@ -52,6 +60,33 @@ AnyASGIApp = Any
 
 #: Event types that `expect()` and `assert_no_event()` skip unless told otherwise: they may arrive at any time.
 DEFAULT_SKIP: tuple[str, ...] = ("HEARTBEAT",)
+#: Protocol messages that name their channel in `data.channel` (channel events carry it in the envelope).
+_CHANNEL_PROTOCOL = frozenset(
+    {"SUBSCRIBED", "UNSUBSCRIBED", "PRESENCE", "PRESENCE_JOIN", "PRESENCE_LEAVE", "RESYNC_REQUIRED", "ERROR"}
+)
+
+
+def _channel_of(message: Mapping[str, Any]) -> Any:
+    """The channel a message is about: the envelope's `channel`, or `data.channel` of a protocol message."""
+    if "channel" in message:
+        return message["channel"]
+    data = message.get("data")
+    if message.get("type") in _CHANNEL_PROTOCOL and isinstance(data, dict):
+        return data.get("channel")
+    return None
+
+
+def _is_cursor(message: Mapping[str, Any]) -> bool:
+    """Whether a message's `id` is a cursor to resume from.
+
+    `SUBSCRIBED` (and a `RESYNC_REQUIRED` of one channel) carry the position of one channel, which
+    may be ahead of user events still in flight; a retained event carries no position at all.
+    """
+    if not isinstance(message.get("id"), str) or message.get("retained") is True:
+        return False
+    if message.get("type") == "SUBSCRIBED":
+        return False
+    return not (message.get("type") == "RESYNC_REQUIRED" and _channel_of(message) is not None)
 
 
 class _Any:
@@ -84,6 +119,23 @@ class WebSocketClosed(Exception):
         self.reason = reason
 
 
+class ChannelRefused(AssertionError):
+    """The server answered `subscribe()` or `presence()` with an `ERROR` (e.g. `forbidden`).
+
+    Attributes:
+        channel: the channel asked for.
+        code: the `ERROR` code: `forbidden`, `invalid_channel`, `too_many_channels`,
+            `not_presence_channel`, `rate_limited`.
+        message: the `ERROR` message, for people.
+    """
+
+    def __init__(self, channel: str, code: str, message: str = "") -> None:
+        super().__init__(f"Channel {channel!r} refused: ERROR {code}" + (f": {message}" if message else ""))
+        self.channel = channel
+        self.code = code
+        self.message = message
+
+
 def mint_token(
     settings: Settings,
     user_id: str | int,
@@ -106,7 +158,8 @@ def mint_token(
         key: the signing key. Defaults to `settings.jwt_secret`, which only works for HMAC algorithms:
             for RS256/ES256/EdDSA pass the private key that matches the public key in the settings.
         algorithm: defaults to the first of `settings.jwt_algorithms`.
-        **claims: more claims, e.g. `iat=...` or `role="admin"`.
+        **claims: more claims, e.g. `iat=...`, `role="admin"`, or `channels=["team:42", "board:*"]`
+            (the channels the token may subscribe to, when the app has no `authorize_channel`).
 
     Returns:
         The encoded token.
@@ -369,9 +422,11 @@ class PomoTestClient:
         user_id: str | int | None = None,
         *,
         token: str | None = None,
+        claims: Mapping[str, Any] | None = None,
         token_via: Literal["query", "subprotocol", "header"] = "query",
         path: str | None = None,
         last_event_id: str | None = None,
+        channels: Sequence[str] = (),
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         subprotocols: Sequence[str] = (),
@@ -389,10 +444,14 @@ class PomoTestClient:
         Args:
             user_id: mint a token for this user from the app's settings.
             token: use this token instead (e.g. an expired or forged one).
+            claims: more claims for the token minted for `user_id`, e.g. `{"channels": ["team:*"]}`.
             token_via: how to present the token: the `token` query parameter, the `["bearer", token]`
                 subprotocol pair, or an `Authorization: Bearer` header.
             path: the WebSocket path; defaults to `ws_path` (`/ws`). It may hold a query string.
             last_event_id: resume after this event id.
+            channels: channels to subscribe to in the handshake (`?channels=a,b`), and so to resume
+                with `last_event_id`. Their `SUBSCRIBED` (or `ERROR`) messages follow
+                `CONNECTION_ESTABLISHED`: `await ws.expect("SUBSCRIBED", channel=...)`.
             params: more query parameters.
             headers: more handshake headers (e.g. `cookie`).
             subprotocols: subprotocols to offer.
@@ -411,8 +470,10 @@ class PomoTestClient:
         """
         if user_id is not None and token is not None:
             raise TypeError("Pass user_id or token, not both")
+        if claims is not None and user_id is None:
+            raise TypeError("claims= go into the token minted for user_id; pass user_id")
         if user_id is not None:
-            token = self.mint_token(user_id)
+            token = self.mint_token(user_id, **(claims or {}))
         url = urlsplit(path if path is not None else self.ws_path)
         query = parse_qsl(url.query, keep_blank_values=True)
         hdrs = [(k.lower(), v) for k, v in (headers or {}).items()]
@@ -427,13 +488,17 @@ class PomoTestClient:
                 hdrs.append(("authorization", f"Bearer {token}"))
         if last_event_id is not None:
             query.append(("last_event_id", last_event_id))
+        if channels:
+            if isinstance(channels, str):
+                raise TypeError("channels= takes a list of channel names, e.g. ['team:42'], not one string")
+            query.append(("channels", ",".join(channels)))
         query.extend((params or {}).items())
         if origin is not None:
             hdrs.append(("origin", origin))
         ws = PomoWebSocket(
             self.app,
             url.path or "/",
-            urlencode(query),
+            urlencode(query, safe=":,@"),
             hdrs,
             offered,
             self.timeout if timeout is None else timeout,
@@ -481,7 +546,9 @@ class PomoWebSocket:
 
     Attributes:
         established: the `CONNECTION_ESTABLISHED` message (when `connect` waited for it).
-        last_id: the `id` of the last message received that had one: pass it as `last_event_id` to resume.
+        last_id: the last cursor received (the `id` of an event, `CONNECTION_ESTABLISHED` or
+            `RESYNC_REQUIRED`; not that of `SUBSCRIBED` or a retained event): pass it as
+            `last_event_id` to resume.
         subprotocol: the subprotocol the server selected.
         close_code: the server's close code, once it closed.
         close_reason: the server's close reason, once it closed.
@@ -718,7 +785,7 @@ class PomoWebSocket:
             WebSocketClosed: the server closed the socket.
         """
         message: dict[str, Any] = json.loads(await self.receive_text(timeout))
-        if isinstance(message.get("id"), str):
+        if isinstance(message, dict) and _is_cursor(message):
             self.last_id = message["id"]
         return message
 
@@ -741,10 +808,12 @@ class PomoWebSocket:
         data: Any = _ANY,
         *,
         user_id: str | None = _ANY,
+        channel: str | None = _ANY,
+        retained: bool = _ANY,
         timeout: float | None = None,
         skip: Iterable[str] = DEFAULT_SKIP,
     ) -> dict[str, Any]:
-        """Receive the next message and assert its `type` (and `data`, and `userId`, when given).
+        """Receive the next message and assert its `type` (and `data`, `userId`, `channel`, `retained`, when given).
 
         Messages whose type is in `skip` (by default `HEARTBEAT`) are passed over. Use
         `unittest.mock.ANY` inside `data` for values you cannot know, such as generated ids.
@@ -753,6 +822,10 @@ class PomoWebSocket:
             type: the expected type, e.g. `"TASK_CREATED"` or `EventType.TASK_CREATED`.
             data: the expected `data`, compared with `==`.
             user_id: the expected `userId` (`None` for `broadcast_to_all`).
+            channel: the expected channel: the envelope's `channel` for a channel event, `data.channel`
+                for `SUBSCRIBED`, `UNSUBSCRIBED`, `PRESENCE*`, `RESYNC_REQUIRED` and `ERROR`
+                (`None`: not a channel's).
+            retained: whether the message must be the channel's retained event (`"retained": true`).
             timeout: seconds to wait; defaults to the socket's.
             skip: types to pass over.
 
@@ -777,6 +850,13 @@ class PomoWebSocket:
             )
         if user_id is not _ANY and not user_id == message.get("userId"):
             raise AssertionError(f"{type} event for userId {message.get('userId')!r}, expected {user_id!r}")
+        if channel is not _ANY and not channel == _channel_of(message):
+            raise AssertionError(f"{type} event of channel {_channel_of(message)!r}, expected {channel!r}")
+        if retained is not _ANY and bool(message.get("retained")) is not bool(retained):
+            state = "a retained" if message.get("retained") else "a live"
+            raise AssertionError(
+                f"{type} event is {state} event, expected retained={retained!r}: {json.dumps(message)}"
+            )
         return message
 
     async def expect_close(
@@ -850,6 +930,63 @@ class PomoWebSocket:
         """Send `PING` and expect `PONG` (heartbeats are passed over)."""
         await self.send_json({"type": "PING"})
         return await self.expect("PONG", timeout=timeout)
+
+    # -- channels -----------------------------------------------------------------------------------------
+
+    async def subscribe(
+        self, channel: str, since: str | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Send `SUBSCRIBE` and expect `SUBSCRIBED` for `channel` (heartbeats are passed over).
+
+        The channel's retained event, its `PRESENCE` (on a presence channel) and, with `since`, its
+        missed events or a `RESYNC_REQUIRED` follow: `expect` them next.
+
+        Args:
+            channel: the channel, e.g. `"team:42"`.
+            since: replay the channel's events after this event id.
+            timeout: seconds to wait; defaults to the socket's.
+
+        Returns:
+            The `SUBSCRIBED` message (`data.presence` says whether the channel has presence).
+
+        Raises:
+            ChannelRefused: the server answered `ERROR` (e.g. `forbidden`); the socket stays open.
+            AssertionError: another message arrived first.
+        """
+        data = {"channel": channel} if since is None else {"channel": channel, "since": since}
+        return await self._channel_request("SUBSCRIBE", data, "SUBSCRIBED", timeout)
+
+    async def unsubscribe(self, channel: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Send `UNSUBSCRIBE` and expect `UNSUBSCRIBED` for `channel`; returns it."""
+        return await self._channel_request("UNSUBSCRIBE", {"channel": channel}, "UNSUBSCRIBED", timeout)
+
+    async def presence(self, channel: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Ask for the presence of `channel` and expect the `PRESENCE` answer; returns it.
+
+        Its `data` is `{"channel", "users": [{"userId", "connections"}, ...], "count"}`, or only the
+        count (and `"truncated": true`) above `presence_max_members` users.
+
+        Raises:
+            ChannelRefused: `ERROR` `forbidden` (not subscribed) or `not_presence_channel`.
+        """
+        return await self._channel_request("PRESENCE", {"channel": channel}, "PRESENCE", timeout)
+
+    async def _channel_request(
+        self, kind: str, data: dict[str, Any], answer: str, timeout: float | None
+    ) -> dict[str, Any]:
+        channel = data["channel"]
+        expected = f"{answer} for channel {channel!r}"
+        await self.send_json({"type": kind, "data": data})
+        try:
+            message = await self._receive_skipping(DEFAULT_SKIP, timeout, expected)
+        except WebSocketClosed as exc:
+            raise WebSocketClosed(exc.code, exc.reason, waiting_for=expected) from None
+        error = message.get("data") if message.get("type") == "ERROR" else None
+        if isinstance(error, dict):
+            raise ChannelRefused(channel, str(error.get("code")), str(error.get("message") or ""))
+        if message.get("type") != answer or _channel_of(message) != channel:
+            raise AssertionError(f"Expected {expected}, got {message.get('type')!r}: {json.dumps(message)}")
+        return message
 
     def _check_open(self) -> None:
         if self._client_closed:

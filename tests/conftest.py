@@ -42,12 +42,14 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def make_app(pomo: PomoWS) -> Starlette:
-    """The smallest Starlette app: the two lines, plus an endpoint that broadcasts."""
+    """The smallest Starlette app: the two lines, plus an endpoint that broadcasts (to a user, all, a channel)."""
 
     async def publish(request: Request) -> JSONResponse:
         body = await request.json()
         broadcaster = request.state.broadcaster
-        if body.get("user") is None:
+        if "channel" in body:
+            event = await broadcaster.broadcast_to_channel(body["channel"], body["type"], body.get("data"))
+        elif body.get("user") is None:
             event = await broadcaster.broadcast_to_all(body["type"], body.get("data"))
         else:
             event = await broadcaster.broadcast_to_user(body["user"], body["type"], body.get("data"))

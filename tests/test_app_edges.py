@@ -159,7 +159,33 @@ async def test_backend_failures_during_a_handshake_close_with_1011_and_count() -
         assert pomo.broadcaster.stats.backend_errors == 1
 
 
-async def test_a_backend_resync_closes_every_socket_so_clients_resume() -> None:
+async def test_a_backend_resync_keeps_established_sockets_up_with_an_in_band_resync() -> None:
+    """A new epoch (or history trimmed while cut off): RESYNC_REQUIRED in band with the position that live
+    events continue after, and then those events, although the new epoch numbers them below the old."""
+    pomo = PomoWS(make_settings())
+    async with LifespanManager(make_app(pomo)) as manager:
+        broadcaster = pomo.broadcaster
+        for n in range(5):  # the sockets start at seq 5 of the old numbering
+            await broadcaster.broadcast_to_user("u0", "OLD", n)
+        sockets = [Socket(manager.app, "/ws", {"token": make_token(f"u{n}")}) for n in range(3)]
+        for ws in sockets:
+            await ws.next_json()
+        backend = broadcaster.backend
+        assert isinstance(backend, MemoryBackend)
+        # What a Redis node does when it finds a new epoch: the numbering starts again, lower.
+        backend._epoch, backend._seq = "fresh", 1
+        broadcaster._on_control("resync", {"epoch": "fresh", "seq": 1, "reason": "new_epoch"})
+        for n, ws in enumerate(sockets):
+            resync = await ws.next_json()
+            assert resync is not None
+            assert (resync["type"], resync["data"]) == ("RESYNC_REQUIRED", {"reason": "new_epoch"})
+            assert broadcaster.verify(resync["id"], f"u{n}") == ("fresh", 1)
+        event = await broadcaster.broadcast_to_user("u0", "NEW", "after")
+        got = await sockets[0].next_json()
+        assert got is not None and (got["type"], got["id"]) == ("NEW", event.id)
+
+
+async def test_a_backend_resync_without_a_position_closes_every_socket_so_clients_resume() -> None:
     pomo = PomoWS(make_settings())
     async with LifespanManager(make_app(pomo)) as manager:
         sockets = [Socket(manager.app, "/ws", {"token": make_token(f"u{n}")}) for n in range(3)]

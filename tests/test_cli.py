@@ -88,6 +88,22 @@ def test_token_mints_a_token_the_server_accepts(capsys: pytest.CaptureFixture[st
     assert claims["exp"] - claims["iat"] == 60
 
 
+@pytest.mark.usefixtures("env_secret")
+def test_token_with_channels_mints_a_channels_claim(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "alice", "--channel", "team:42", "--channel", "board:7:*", "--channel", "*"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])
+    assert claims["channels"] == ["team:42", "board:7:*", "*"]
+    assert main(["token", "alice"]) == 0
+    assert "channels" not in jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])
+
+
+@pytest.mark.usefixtures("env_secret")
+@pytest.mark.parametrize("pattern", ["team 42", "team,42", "", "**", "x" * 201])
+def test_token_refuses_a_channel_that_cannot_be_one(pattern: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "alice", "--channel", pattern]) == 2
+    assert "pomo-ws: error: --channel: Invalid channel name" in capsys.readouterr().err
+
+
 @pytest.mark.usefixtures("no_secret")
 def test_token_without_a_secret_says_how_to_set_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "alice"]) == 2
@@ -352,6 +368,66 @@ async def test_listen_prints_events_as_json_lines(pomo: PomoWS, capsys: pytest.C
     assert [e["type"] for e in lines] == ["CONNECTION_ESTABLISHED", "NOTIFICATION", "NOTIFICATION"]
     assert [e["data"]["message"] for e in lines[1:]] == ["one", "two"]
     assert f"--last-event-id {lines[-1]['id']}" in "".join(err)
+
+
+@pytest_anyio
+async def test_listen_with_channels_and_a_token_from_pomo_ws_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pomo-ws token --channel 'team:*'` mints what a server without authorize_channel checks."""
+    monkeypatch.setenv("POMO_WS_JWT_SECRET", SECRET)
+    assert main(["token", "u1", "--channel", "team:*"]) == 0
+    token = capsys.readouterr().out.strip()
+    pomo = PomoWS(make_settings())
+    out, err = [], []
+
+    def read() -> str:
+        captured = capsys.readouterr()
+        out.append(captured.out)
+        err.append(captured.err)
+        return "".join(out)
+
+    async with run_server(make_app(pomo)) as server:
+        argv = ["listen", server.url("/ws"), "--token", token, "--channel", "team:1", "--channel", "board:1"]
+        async with anyio.create_task_group() as tg:
+            codes: list[int] = []
+            done = anyio.Event()
+
+            async def run_cli() -> None:
+                codes.append(await anyio.to_thread.run_sync(main, [*argv, "--count", "5"], abandon_on_cancel=True))
+                done.set()
+
+            tg.start_soon(run_cli)
+            await wait_until(lambda: '"SUBSCRIBED"' in read(), what="the CLI to print SUBSCRIBED")
+            await pomo.broadcaster.broadcast_to_channel("board:1", "TIMER_STARTED", {"n": 0})  # not subscribed
+            await pomo.broadcaster.broadcast_to_channel("team:1", "TIMER_STARTED", {"n": 1})
+            await pomo.broadcaster.broadcast_to_user("u1", "NOTIFICATION", {"n": 2})
+            with anyio.fail_after(5):
+                await done.wait()
+    assert codes == [0]
+    read()
+    lines = [json.loads(line) for line in "".join(out).splitlines()]
+    assert [e["type"] for e in lines] == [
+        "CONNECTION_ESTABLISHED",
+        "SUBSCRIBED",
+        "ERROR",
+        "TIMER_STARTED",
+        "NOTIFICATION",
+    ]
+    assert lines[1]["data"]["channel"] == "team:1"
+    assert (lines[2]["data"]["code"], lines[2]["data"]["channel"]) == ("forbidden", "board:1")
+    assert (lines[3]["channel"], lines[3]["data"]) == ("team:1", {"n": 1})
+    # The refused channel is dropped: the resume line names the channels that resume.
+    assert f"-- resume with --last-event-id {lines[-1]['id']} --channel team:1\n" in "".join(err)
+
+
+@pytest.mark.usefixtures("no_secret")
+@pytest.mark.parametrize(("channel", "message"), [("team:*", "not patterns"), ("a b", "Invalid channel name")])
+def test_listen_refuses_a_channel_that_is_no_name(
+    channel: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["listen", "ws://127.0.0.1:1/ws", "--token", "t", "--channel", channel]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("no_secret")

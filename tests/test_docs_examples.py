@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from starlette_pomo_ws import BackendUnavailable, NotStartedError, PomoWS, Settings
-from starlette_pomo_ws.testing import PomoTestClient
+from starlette_pomo_ws.testing import ChannelRefused, PomoTestClient
 
 from .conftest import SECRET, make_settings, make_token
 
@@ -182,6 +182,47 @@ async def test_testing_example(load_example: LoadExample) -> None:
     assert len(tests) == 4
     for test in tests:
         await test()
+
+
+@pytest.mark.anyio
+async def test_channels_app(load_example: LoadExample) -> None:
+    """docs/channels.md: the shared team timer, presence, and membership the app decides on every (re)subscribe."""
+    from unittest.mock import ANY
+
+    module = load_example("channels_app")
+    async with PomoTestClient(module.app) as client:
+        async with client.connect("alice", channels=["team:42"]) as alice, client.connect("carol") as carol:
+            assert (await alice.expect("SUBSCRIBED", channel="team:42"))["data"]["presence"] is True
+            await alice.expect("PRESENCE", data={"channel": "team:42", "users": ANY, "count": 1})
+            response = await client.http.post("/teams/42/timer", json={"minutes": 25})
+            assert response.status_code == 201
+            timer = {"phase": "focus", "minutes": 25}
+            await alice.expect("TIMER_STARTED", data=timer, channel="team:42", user_id=None, retained=False)
+            with pytest.raises(ChannelRefused) as refused:
+                await carol.subscribe("team:42")  # not a member
+            assert refused.value.code == "forbidden"
+
+            async with client.connect("bob") as bob:  # a tab opened later gets the timer at once
+                await bob.subscribe("team:42")
+                await bob.expect("TIMER_STARTED", data=timer, channel="team:42", retained=True)
+                await bob.expect("PRESENCE", channel="team:42")
+                await alice.expect("PRESENCE_JOIN", data={"channel": "team:42", "userId": "bob"})
+                assert (await client.http.get("/teams/42/presence")).json() == {"alice": 1, "bob": 1}
+
+                await client.http.put("/teams/42/members/carol")  # carol's open tab joins, no SUBSCRIBE needed
+                await carol.expect("SUBSCRIBED", channel="team:42")
+                await carol.expect("TIMER_STARTED", retained=True)
+                for member in (alice, bob):
+                    await member.expect("PRESENCE_JOIN", data={"channel": "team:42", "userId": "carol"})
+
+                await client.http.delete("/teams/42/members/bob")
+                revoked = await bob.expect("UNSUBSCRIBED", channel="team:42")
+                assert revoked["data"]["reason"] == "Removed from the team"
+                await alice.expect("PRESENCE_LEAVE", data={"channel": "team:42", "userId": "bob"})
+                cursor = bob.last_id
+            # A resume re-authorizes every channel: bob is no longer a member.
+            async with client.connect("bob", last_event_id=cursor, channels=["team:42"]) as bob:
+                await bob.expect("ERROR", data={"code": "forbidden", "message": ANY, "channel": "team:42"})
 
 
 def test_litestar_dependency(load_example: LoadExample) -> None:

@@ -27,5 +27,8 @@ def test_an_unknown_client_type_lists_the_types_this_server_accepts() -> None:
             ws.send_json({"type": "NOTIFICATION", "data": {"message": "hi"}})
             error = ws.receive_json()
     assert error["type"] == "ERROR" and error["data"]["code"] == "unknown_type"
-    expected = "Unknown message type 'NOTIFICATION'; this server accepts PING and REFRESH_TOKEN."
+    expected = (
+        "Unknown message type 'NOTIFICATION'; this server accepts PING, REFRESH_TOKEN, SUBSCRIBE, UNSUBSCRIBE "
+        "and PRESENCE."
+    )
     assert error["data"]["message"] == expected

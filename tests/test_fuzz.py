@@ -147,7 +147,7 @@ async def started(config: Settings | None = None) -> AsyncIterator[PomoWS]:
         yield pomo
         await wait_until(lambda: pomo.broadcaster.total_connection_count() == 0, 3, "the registry to empty")
         assert pomo.broadcaster.backed_up == {}
-        assert pomo.broadcaster._subscriptions == {}
+        assert len(pomo.broadcaster._subscriptions) == 0
     await wait_until(lambda: len(asyncio.all_tasks()) == baseline, 3, "asyncio tasks back to their baseline")
 
 

@@ -22,6 +22,7 @@ from starlette_pomo_ws import ConfigurationError, EventType, PomoWS, Settings, t
 from starlette_pomo_ws._types import Message, Receive, Scope, Send
 from starlette_pomo_ws.litestar import PomoWSPlugin
 from starlette_pomo_ws.testing import (
+    ChannelRefused,
     PomoTestClient,
     PomoWebSocket,
     ReceiveTimeout,
@@ -449,6 +450,140 @@ async def test_run_lifespan_with_an_own_lifespan() -> None:
 
 
 # -- mint_token -----------------------------------------------------------------------------------------
+
+
+# -- channels and presence ------------------------------------------------------------------------------
+
+
+def channel_app(**settings: Any) -> Starlette:
+    """Who may subscribe comes from the token's `channels` claim; `team:*` channels have presence."""
+    return pomo_app(presence_channels=("team:*",), **settings)
+
+
+async def test_subscribe_expect_a_channel_event_and_unsubscribe() -> None:
+    async with PomoTestClient(channel_app()) as client, client.connect("u1", claims={"channels": ["board:*"]}) as ws:
+        subscribed = await ws.subscribe("board:7")
+        assert subscribed["data"] == {"channel": "board:7", "presence": False}
+        assert ws.established is not None and ws.last_id == ws.established["id"], "SUBSCRIBED's id is not a cursor"
+        event = await client.broadcaster.broadcast_to_channel("board:7", "CARD_MOVED", {"card": 1})
+        await ws.expect("CARD_MOVED", data={"card": 1}, channel="board:7", user_id=None, retained=False)
+        assert ws.last_id == event.id
+        assert (await ws.unsubscribe("board:7"))["data"] == {"channel": "board:7"}
+        await client.broadcaster.broadcast_to_channel("board:7", "CARD_MOVED", {"card": 2})
+        await ws.assert_no_event()
+
+
+async def test_a_refused_subscribe_raises_channel_refused() -> None:
+    async with PomoTestClient(channel_app()) as client, client.connect("u1", claims={"channels": ["team:1"]}) as ws:
+        with pytest.raises(ChannelRefused) as refused:
+            await ws.subscribe("team:2")
+        assert (refused.value.channel, refused.value.code) == ("team:2", "forbidden")
+        assert "Channel 'team:2' refused: ERROR forbidden: " in str(refused.value)
+        assert isinstance(refused.value, AssertionError)
+        with pytest.raises(ChannelRefused, match="invalid_channel"):
+            await ws.subscribe("a b")
+        with pytest.raises(ChannelRefused, match="forbidden"):
+            await ws.presence("team:1")  # not subscribed
+        await ws.ping()  # the socket stays up
+    async with PomoTestClient(channel_app()) as client, client.connect("u1") as ws:  # no claim: nothing allowed
+        with pytest.raises(ChannelRefused, match="forbidden"):
+            await ws.subscribe("team:1")
+
+
+async def test_retained_state_comes_after_subscribed_and_is_not_a_cursor() -> None:
+    async with PomoTestClient(channel_app()) as client, client.connect("u1", claims={"channels": ["board:*"]}) as ws:
+        await client.broadcaster.broadcast_to_channel("board:7", "BOARD_STATE", {"cards": 3}, retain=True)
+        await ws.subscribe("board:7")
+        cursor = ws.last_id
+        retained = await ws.expect("BOARD_STATE", data={"cards": 3}, channel="board:7", retained=True)
+        assert "id" not in retained and ws.last_id == cursor
+        await client.broadcaster.broadcast_to_channel("board:7", "BOARD_STATE", {"cards": 4}, retain=True)
+        with pytest.raises(AssertionError, match="is a live event, expected retained=True"):
+            await ws.expect("BOARD_STATE", retained=True)
+        await client.broadcaster.broadcast_to_channel("board:8", "BOARD_STATE")  # not subscribed: nothing
+        await client.broadcaster.broadcast_to_channel("board:7", "BOARD_STATE", {"cards": 5})
+        with pytest.raises(AssertionError, match="BOARD_STATE event of channel 'board:7', expected 'board:1'"):
+            await ws.expect("BOARD_STATE", channel="board:1")
+
+
+async def test_resume_with_channels_in_the_handshake() -> None:
+    claims = {"channels": ["board:*"]}
+    async with PomoTestClient(channel_app()) as client:
+        async with client.connect("u1", claims=claims, channels=["board:1", "board:2"]) as ws:
+            await ws.expect("SUBSCRIBED", channel="board:1")
+            await ws.expect("SUBSCRIBED", channel="board:2")
+            cursor = ws.last_id
+        await client.broadcaster.broadcast_to_channel("board:2", "CARD_MOVED", 1)
+        await client.broadcaster.broadcast_to_user("u1", "TASK_CREATED", 2)
+        await client.broadcaster.broadcast_to_channel("board:1", "CARD_MOVED", 3)
+        async with client.connect(
+            "u1", claims=claims, last_event_id=cursor, channels=["board:1", "board:2", "team:1"]
+        ) as ws:
+            assert ws.established is not None and ws.established["data"]["resumed"] is True
+            await ws.expect("SUBSCRIBED", channel="board:1")
+            await ws.expect("SUBSCRIBED", channel="board:2")
+            await ws.expect("ERROR", data={"code": "forbidden", "message": ANY, "channel": "team:1"}, channel="team:1")
+            await ws.expect("CARD_MOVED", data=1, channel="board:2")
+            await ws.expect("TASK_CREATED", data=2, channel=None)
+            await ws.expect("CARD_MOVED", data=3, channel="board:1")
+        with pytest.raises(TypeError, match="list of channel names"):
+            async with client.connect("u1", channels="board:1"):
+                pass  # pragma: no cover
+        with pytest.raises(TypeError, match="claims="):
+            async with client.connect(token=client.mint_token("u1"), claims=claims):
+                pass  # pragma: no cover
+
+
+async def test_subscribe_since_and_a_channel_resync() -> None:
+    async with PomoTestClient(channel_app()) as client, client.connect("u1", claims={"channels": ["board:*"]}) as ws:
+        since = (await client.broadcaster.broadcast_to_channel("board:1", "CARD_MOVED", 1)).id
+        await client.broadcaster.broadcast_to_channel("board:1", "CARD_MOVED", 2)
+        await ws.subscribe("board:1", since=since)
+        await ws.expect("CARD_MOVED", data=2, channel="board:1")
+        cursor = ws.last_id
+        await ws.subscribe("board:2", since="forged")
+        await ws.expect("RESYNC_REQUIRED", data={"reason": "unknown_cursor", "channel": "board:2"}, channel="board:2")
+        assert ws.last_id == cursor, "one channel's RESYNC_REQUIRED is not the connection's cursor"
+
+
+async def test_presence() -> None:
+    claims = {"channels": ["team:*"]}
+    async with PomoTestClient(channel_app()) as client, client.connect("alice", claims=claims) as alice:
+        assert (await alice.subscribe("team:1"))["data"] == {"channel": "team:1", "presence": True}
+        await alice.expect("PRESENCE", data={"channel": "team:1", "users": [ANY], "count": 1}, channel="team:1")
+        async with client.connect("bob", claims=claims, channels=["team:1"]) as bob:
+            await bob.expect("SUBSCRIBED", channel="team:1")
+            await bob.expect("PRESENCE", channel="team:1")
+            await alice.expect("PRESENCE_JOIN", data={"channel": "team:1", "userId": "bob"}, channel="team:1")
+            answer = await alice.presence("team:1")
+            assert answer["data"]["users"] == [
+                {"userId": "alice", "connections": 1},
+                {"userId": "bob", "connections": 1},
+            ]
+            assert await client.broadcaster.presence("team:1") == {"alice": 1, "bob": 1}
+        await alice.expect("PRESENCE_LEAVE", data={"channel": "team:1", "userId": "bob"}, channel="team:1")
+        await alice.subscribe("team:2")
+        await alice.expect("PRESENCE", channel="team:2")
+        with pytest.raises(AssertionError, match="Expected SUBSCRIBED for channel 'team:3', got 'PRESENCE'"):
+            await alice.send_json({"type": "PRESENCE", "data": {"channel": "team:2"}})
+            await alice.subscribe("team:3")  # the PRESENCE answer comes first
+
+
+async def test_channel_helpers_report_timeouts_and_closes() -> None:
+    async with PomoTestClient(channel_app()) as client, client.connect("u1", claims={"channels": ["board:*"]}) as ws:
+        await ws.subscribe("board:1")
+        ws.feed({"type": "websocket.receive", "text": '{"type": "PING"}'})
+        with pytest.raises(AssertionError, match="Expected UNSUBSCRIBED for channel 'board:1', got 'PONG'"):
+            await ws.unsubscribe("board:1")
+        await ws.expect("UNSUBSCRIBED", channel="board:1")
+        ws.feed({"type": "websocket.disconnect", "code": 1006})  # the peer vanished: the app returns, answering nothing
+        with pytest.raises(WebSocketClosed, match="while waiting for SUBSCRIBED for channel 'board:1'"):
+            await ws.subscribe("board:1")
+
+
+def test_mint_token_with_a_channels_claim() -> None:
+    token = mint_token(make_settings(), "alice", channels=["team:42", "board:*"])
+    assert jwt.decode(token, SECRET, algorithms=["HS256"])["channels"] == ["team:42", "board:*"]
 
 
 def test_mint_token_follows_the_settings() -> None:

@@ -40,6 +40,7 @@ def create_backend(settings: Settings) -> Backend:
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             min_replicas=settings.redis_min_replicas,
+            presence_ttl=settings.presence_ttl,
         )
     raise ConfigurationError(
         f"Setting 'backend_url': unsupported backend {redact_url(url)!r}; use memory:// (one process), "

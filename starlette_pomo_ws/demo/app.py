@@ -1,5 +1,9 @@
 """The Pomofocus demo: a small Starlette app whose services broadcast every change to the user's tabs.
 
+A user named `name@team` is also a member of `team`: the team shares a timer (the retained state
+of the channel `team:<team>`), a task board (that channel's events) and a "who's here" list (its
+presence). Personal tasks and sessions stay personal.
+
 Run it with `pomo-ws demo`, or `uvicorn --factory starlette_pomo_ws.demo.app:create_app
 --ws-per-message-deflate false`.
 """
@@ -28,8 +32,8 @@ from .._auth import JWTAuthenticator
 from .._connection import Connection
 from .._types import ASGIApp, Receive, Scope, Send
 from ..exceptions import AuthenticationError, BackendUnavailable
-from .store import SESSION_TYPES, TASK_STATUSES, Store
-from .tokens import LOOPBACK_HOSTS, dev_settings, mint_token
+from .store import SESSION_TYPES, TASK_STATUSES, Store, now_iso
+from .tokens import LOOPBACK_HOSTS, demo_token, dev_settings, team_channel, team_of
 
 __all__ = ["DEFAULT_DB_PATH", "create_app"]
 
@@ -37,6 +41,7 @@ logger = logging.getLogger("starlette_pomo_ws")
 
 DEFAULT_DB_PATH = "pomo-demo.sqlite3"
 TOKEN_TTL = 3600
+TEAM_PRESENCE = "team:*"
 _HERE = Path(__file__).parent
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _MAX_TITLE = 200
@@ -154,6 +159,8 @@ def create_app(
         A Starlette app with the pages, the JSON API and the WebSocket mount at `/ws`.
     """
     settings, _ = dev_settings(settings)
+    if TEAM_PRESENCE not in settings.presence_channels:
+        settings = settings.replace(presence_channels=(*settings.presence_channels, TEAM_PRESENCE))
     store = Store(db_path)
 
     async def on_message(connection: Connection, message: dict[str, Any]) -> None:
@@ -181,6 +188,32 @@ def create_app(
     async def broadcast(request: Request, user_id: str, event_type: str, data: Any) -> None:
         await request.state.broadcaster.broadcast_to_user(user_id, event_type, data)
 
+    async def broadcast_to_team(
+        request: Request, team: str, event_type: str, data: Any, *, retain: bool = False
+    ) -> None:
+        await request.state.broadcaster.broadcast_to_channel(team_channel(team), event_type, data, retain=retain)
+
+    def team_of_request(request: Request) -> tuple[str, str]:
+        user_id = user_of(request)
+        team = team_of(user_id)
+        if team is None:
+            raise HTTPException(403, "You are in no team: log in as name@team.")
+        return user_id, team
+
+    def team_state(team: str, now: float) -> dict[str, Any]:
+        focusing = {
+            user_id: now_iso(ends_at)
+            for user_id, ends_at in store.running_work_sessions(now)
+            if team_of(user_id) == team
+        }
+        return {
+            "name": team,
+            "channel": team_channel(team),
+            "tasks": store.list_team_tasks(team),
+            "timer": store.get_team_timer(team),
+            "focusing": focusing,
+        }
+
     # -- pages ------------------------------------------------------------------------------------
 
     async def index(request: Request) -> Response:
@@ -197,21 +230,24 @@ def create_app(
         name = body.get("name")
         if not isinstance(name, str) or not _USER_NAME.match(name):
             return _error(400, "'name' must be 1-64 letters, digits or _.@-")
-        token = mint_token(settings, name, ttl=TOKEN_TTL, iat=int(time.time()))
-        return JSONResponse({"token": token, "userId": name, "expiresIn": TOKEN_TTL})
+        token = demo_token(settings, name, ttl=TOKEN_TTL, iat=int(time.time()))
+        return JSONResponse({"token": token, "userId": name, "team": team_of(name), "expiresIn": TOKEN_TTL})
 
     # -- state ------------------------------------------------------------------------------------
 
     async def state(request: Request) -> Response:
         """Everything a page shows, in one response: what a client refetches on RESYNC_REQUIRED."""
         user_id = user_of(request)
+        team = team_of(user_id)
+        now = time.time()
         return JSONResponse(
             {
                 "userId": user_id,
                 "tasks": store.list_tasks(user_id),
                 "session": store.current_session(user_id),
                 "settings": store.get_settings(user_id),
-                "serverTime": time.time() * 1000,
+                "team": team_state(team, now) if team else None,
+                "serverTime": now * 1000,
             }
         )
 
@@ -284,7 +320,8 @@ def create_app(
             return _error(400, "'taskId' must name one of your tasks.")
         if store.current_session(user_id) is not None:
             return _error(409, "A session is already running; end it first.")
-        session = store.start_session(user_id, session_type, duration, task_id, started_at=time.time())
+        started_at = time.time()
+        session = store.start_session(user_id, session_type, duration, task_id, started_at=started_at)
         await broadcast(
             request,
             user_id,
@@ -297,6 +334,13 @@ def create_app(
                 "taskId": session["taskId"],
             },
         )
+        team = team_of(user_id)
+        if team is not None and session_type == "work":
+            # The team sees that you focus, and until when; never on what (personal tasks stay personal).
+            ends_at = now_iso(started_at + duration)
+            await broadcast_to_team(
+                request, team, "MEMBER_FOCUS", {"userId": user_id, "focusing": True, "endsAt": ends_at}
+            )
         return JSONResponse(session, status_code=201)
 
     async def end_session(request: Request) -> Response:
@@ -325,7 +369,65 @@ def create_app(
                 what = "Pomodoro" if session["type"] == "work" else "Break"
                 message = f"{what} complete" + (f": {task['title']}" if task else "")
                 await broadcast(request, user_id, "NOTIFICATION", {"message": message, "sessionId": session["id"]})
+            team = team_of(user_id)
+            if team is not None and session["type"] == "work":
+                await broadcast_to_team(request, team, "MEMBER_FOCUS", {"userId": user_id, "focusing": False})
         return JSONResponse(session)
+
+    # -- the team service: a board and a timer per team, on the team's channel ---------------------
+
+    async def create_team_task(request: Request) -> Response:
+        user_id, team = team_of_request(request)
+        task = store.create_team_task(team, _title(await _json_body(request)), user_id)
+        await broadcast_to_team(request, team, "TEAM_TASK_CREATED", task)
+        return JSONResponse(task, status_code=201)
+
+    async def set_team_task_status(request: Request) -> Response:
+        _, team = team_of_request(request)
+        status = (await _json_body(request)).get("status")
+        if status not in TASK_STATUSES:
+            return _error(400, f"'status' must be one of {', '.join(TASK_STATUSES)}.")
+        task = store.set_team_task_status(team, request.path_params["task_id"], status)
+        if task is None:
+            return _error(404, "No such task on your team's board.")
+        await broadcast_to_team(request, team, "TEAM_TASK_UPDATED", task)
+        return JSONResponse(task)
+
+    async def delete_team_task(request: Request) -> Response:
+        _, team = team_of_request(request)
+        task_id = request.path_params["task_id"]
+        if not store.delete_team_task(team, task_id):
+            return _error(404, "No such task on your team's board.")
+        await broadcast_to_team(request, team, "TEAM_TASK_DELETED", {"taskId": task_id})
+        return Response(status_code=204)
+
+    async def start_team_timer(request: Request) -> Response:
+        """Start the team's timer. The server's clock decides when it ends: the state carries `endsAt`."""
+        user_id, team = team_of_request(request)
+        body = await _json_body(request)
+        duration = _int_field(body, "duration", 25 * 60, 1, 24 * 3600)
+        now = time.time()
+        current = store.get_team_timer(team)
+        if current and current["running"] and current["endsAt"] > now_iso(now):  # one format: ISO order is time order
+            return _error(409, "The team's timer is already running; stop it first.")
+        timer = {
+            "running": True,
+            "duration": duration,
+            "startedAt": now_iso(now),
+            "endsAt": now_iso(now + duration),
+            "startedBy": user_id,
+        }
+        store.set_team_timer(team, timer)
+        # Retained: a member who opens a tab later gets this state right after subscribing.
+        await broadcast_to_team(request, team, "TEAM_TIMER", timer, retain=True)
+        return JSONResponse(timer, status_code=201)
+
+    async def stop_team_timer(request: Request) -> Response:
+        user_id, team = team_of_request(request)
+        timer = {"running": False, "stoppedBy": user_id, "stoppedAt": now_iso(time.time())}
+        store.set_team_timer(team, timer)
+        await broadcast_to_team(request, team, "TEAM_TIMER", timer, retain=True)
+        return JSONResponse(timer)
 
     # -- the settings service ---------------------------------------------------------------------
 
@@ -399,6 +501,11 @@ def create_app(
         Route("/api/sessions/current", current_session),
         Route("/api/sessions", start_session, methods=["POST"]),
         Route("/api/sessions/{session_id}/end", end_session, methods=["POST"]),
+        Route("/api/team/tasks", create_team_task, methods=["POST"]),
+        Route("/api/team/tasks/{task_id}", delete_team_task, methods=["DELETE"]),
+        Route("/api/team/tasks/{task_id}/status", set_team_task_status, methods=["POST", "PUT"]),
+        Route("/api/team/timer", start_team_timer, methods=["POST"]),
+        Route("/api/team/timer/stop", stop_team_timer, methods=["POST"]),
         Route("/api/settings", get_settings),
         Route("/api/settings", update_settings, methods=["PUT", "PATCH"]),
         Route("/api/notifications", notify, methods=["POST"]),

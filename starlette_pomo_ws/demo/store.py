@@ -1,4 +1,4 @@
-"""The demo's storage: tasks, sessions and settings in SQLite, through the standard library.
+"""The demo's storage: tasks, sessions, settings, team boards and team timers in SQLite, through the standard library.
 
 Rows come back as plain dicts with the original guide's camelCase keys, ready to be both the
 HTTP response and the `data` of the event that announces the change.
@@ -55,6 +55,20 @@ CREATE TABLE IF NOT EXISTS settings (
     user_id TEXT PRIMARY KEY,
     data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS team_tasks (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    title TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS team_tasks_team ON team_tasks (team, created_at);
+CREATE TABLE IF NOT EXISTS team_timers (
+    team TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
 """
 
 
@@ -74,6 +88,18 @@ def _task(row: sqlite3.Row) -> dict[str, Any]:
         "status": row["status"],
         "estimatedPomodoros": row["estimated_pomodoros"],
         "completedPomodoros": row["completed_pomodoros"],
+        "createdAt": row["created_at"],
+        "updatedAt": row["updated_at"],
+    }
+
+
+def _team_task(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "team": row["team"],
+        "title": row["title"],
+        "status": row["status"],
+        "createdBy": row["created_by"],
         "createdAt": row["created_at"],
         "updatedAt": row["updated_at"],
     }
@@ -225,6 +251,59 @@ class Store:
                 "SELECT * FROM tasks WHERE user_id = ? AND id = ?", (user_id, session["taskId"])
             ).fetchall()
         return session, (_task(task_rows[0]) if task_rows else None), changed
+
+    def running_work_sessions(self, now: float) -> list[tuple[str, float]]:
+        """`(user_id, ends_at)` of every work session still running at `now` (a tab may never end one)."""
+        rows = self._query(
+            "SELECT user_id, started_at + duration AS ends_at FROM sessions "
+            "WHERE end_time IS NULL AND type = 'work' AND started_at + duration > ?",
+            (now,),
+        )
+        return [(row["user_id"], row["ends_at"]) for row in rows]
+
+    # -- the team board and the team timer --------------------------------------------------------
+
+    def list_team_tasks(self, team: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM team_tasks WHERE team = ? ORDER BY created_at, rowid", (team,))
+        return [_team_task(row) for row in rows]
+
+    def get_team_task(self, team: str, task_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM team_tasks WHERE team = ? AND id = ?", (team, task_id))
+        return _team_task(rows[0]) if rows else None
+
+    def create_team_task(self, team: str, title: str, created_by: str) -> dict[str, Any]:
+        task_id = uuid.uuid4().hex
+        stamp = now_iso()
+        self._query(
+            "INSERT INTO team_tasks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (task_id, team, title, TASK_STATUSES[0], created_by, stamp, stamp),
+        )
+        task = self.get_team_task(team, task_id)
+        assert task is not None
+        return task
+
+    def set_team_task_status(self, team: str, task_id: str, status: str) -> dict[str, Any] | None:
+        self._query(
+            "UPDATE team_tasks SET status = ?, updated_at = ? WHERE team = ? AND id = ?",
+            (status, now_iso(), team, task_id),
+        )
+        return self.get_team_task(team, task_id)
+
+    def delete_team_task(self, team: str, task_id: str) -> bool:
+        with self._lock:
+            cursor = self._connect().execute("DELETE FROM team_tasks WHERE team = ? AND id = ?", (team, task_id))
+            return cursor.rowcount > 0
+
+    def get_team_timer(self, team: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT data FROM team_timers WHERE team = ?", (team,))
+        timer: dict[str, Any] | None = json.loads(rows[0]["data"]) if rows else None
+        return timer
+
+    def set_team_timer(self, team: str, timer: dict[str, Any]) -> None:
+        self._query(
+            "INSERT INTO team_timers (team, data) VALUES (?, ?) ON CONFLICT (team) DO UPDATE SET data = excluded.data",
+            (team, json.dumps(timer)),
+        )
 
     # -- settings ---------------------------------------------------------------------------------
 

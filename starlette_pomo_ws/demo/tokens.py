@@ -13,17 +13,48 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 from .._settings import Settings
 from ..testing import mint_token
 
-__all__ = ["LOOPBACK_HOSTS", "demo_settings", "dev_settings", "generate_secret", "is_loopback", "mint_token"]
+__all__ = [
+    "LOOPBACK_HOSTS",
+    "demo_settings",
+    "demo_token",
+    "dev_settings",
+    "generate_secret",
+    "is_loopback",
+    "mint_token",
+    "team_channel",
+    "team_of",
+]
 
 logger = logging.getLogger("starlette_pomo_ws")
 
 #: The `Host` names the demo answers by default: a DNS-rebinding page sends its own name and is refused.
 LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
 _SECRET_VARIABLES = ("POMO_WS_JWT_SECRET", "POMO_WS_JWT_SECRET_FILE")
+
+
+def team_of(user_id: str) -> str | None:
+    """The team of a demo user: `alice@focus` is in team `focus`; `alice` is in none."""
+    name, _, team = user_id.partition("@")
+    return team if name and team else None
+
+
+def team_channel(team: str) -> str:
+    """The team's channel: its timer (retained), its board and its presence."""
+    return f"team:{team}"
+
+
+def demo_token(settings: Settings, user_id: str, *, ttl: float, iat: int | None = None) -> str:
+    """A token for a demo user; a team member's carries the `channels` claim of its own team only."""
+    claims: dict[str, Any] = {} if iat is None else {"iat": iat}
+    team = team_of(user_id)
+    if team is not None:
+        claims["channels"] = [team_channel(team), team_channel(team) + ":*"]
+    return mint_token(settings, user_id, ttl=ttl, **claims)
 
 
 def generate_secret() -> str:

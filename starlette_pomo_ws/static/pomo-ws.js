@@ -16,7 +16,13 @@
 // - answers TOKEN_EXPIRING with an in-band REFRESH_TOKEN, and fetches a fresh token after an
 //   authentication close (1008);
 // - detects a half-open connection with PING/PONG and replaces it;
-// - drops an event it has already delivered (by `id`).
+// - drops an event it has already delivered (by `id`);
+// - keeps the channels you subscribe to, and resumes them all with the one cursor after every
+//   reconnect (?last_event_id=<cursor>&channels=a,b); tracks their presence.
+//
+//   socket.subscribe("team:42");
+//   socket.on("TEAM_TIMER", (event) => event.channel === "team:42" && showTimer(event.data));
+//   socket.on("presence", (channel, presence) => showMembers(presence.users));
 
 /** Close reasons (code 1008) that a fresh token can fix. */
 export const AUTH_REASONS = Object.freeze([
@@ -32,6 +38,17 @@ export const FATAL_REASONS = Object.freeze(["Origin not allowed", "Too many conn
 /** The close code used when the client itself replaces or drops a connection (reconnects). */
 export const CLIENT_RECONNECT_CODE = 4000;
 
+// The server's messages about a channel that carry it as `data.channel`.
+const CHANNEL_CONTROL = new Set([
+  "SUBSCRIBED",
+  "UNSUBSCRIBED",
+  "RESYNC_REQUIRED",
+  "ERROR",
+  "PRESENCE",
+  "PRESENCE_JOIN",
+  "PRESENCE_LEAVE",
+]);
+
 /** Status values, emitted as `status` events. */
 export const Status = Object.freeze({
   IDLE: "idle",
@@ -45,6 +62,7 @@ const DEFAULTS = Object.freeze({
   getToken: null, // async ({ refresh, reason }) => string
   token: null, // a fixed token, when there is no provider
   lastEventId: null, // resume from a stored cursor
+  channels: [], // channels to subscribe to; resumed with lastEventId when it is given too
   protocols: null, // override the subprotocols (defaults to ["bearer", token])
   minDelay: 500, // ms: the base of the exponential backoff
   maxDelay: 30000, // ms: the cap of the exponential backoff
@@ -68,7 +86,10 @@ const DEFAULTS = Object.freeze({
  * - "status": `listener(status, detail)` with one of `Status`;
  * - "resync": `listener(event)`: state may have been missed, refetch it;
  * - "error": `listener(errorOrEvent)` for ERROR events and token provider failures;
- * - "close": `listener({ code, reason, willReconnect, delay })` for every closed socket.
+ * - "close": `listener({ code, reason, willReconnect, delay })` for every closed socket;
+ * - "presence": `listener(channel, presence)` when the known members of a channel change;
+ * - "unsubscribed": `listener(channel, reasonOrEvent)` when the server ends a subscription
+ *   (a revoking UNSUBSCRIBED, or an ERROR forbidden / invalid_channel / too_many_channels).
  */
 export class PomoSocket {
   /**
@@ -96,6 +117,14 @@ export class PomoSocket {
     this._seenOrder = [];
     this._pendingOpen = null;
     this._onOnline = null;
+    // channel -> { since, active, askedOn, presence }. `active`: a SUBSCRIBED arrived, so the cursor
+    // covers its events and it resumes in the URL; `askedOn`: the socket it was requested on.
+    this._channels = new Map();
+    this._urlChannels = [];
+    const resumable = Boolean(this._cursor);
+    for (const channel of this.options.channels || []) {
+      this._channels.set(String(channel), { since: null, active: resumable, askedOn: null, presence: null });
+    }
     this.lastClose = null;
   }
 
@@ -107,6 +136,60 @@ export class PomoSocket {
   /** The resume cursor: the id of the last event seen (store it to resume after a reload). */
   get lastEventId() {
     return this._cursor;
+  }
+
+  /** The channels this socket holds or is subscribing to, in the order they were added. */
+  get channels() {
+    return [...this._channels.keys()];
+  }
+
+  /**
+   * Subscribe to a channel: now when open, else as soon as the connection opens. The socket
+   * remembers it and resumes it after every reconnect. Without `since`, the server sends the
+   * channel's retained event (its state) after SUBSCRIBED; with `since` (an event id), the
+   * channel's events after it come first. Subscribing to a channel already held does nothing.
+   * @param {string} channel  e.g. "team:42"
+   * @param {{since?: string}} [options]
+   * @returns {PomoSocket} this
+   */
+  subscribe(channel, { since } = {}) {
+    channel = String(channel);
+    if (this._channels.has(channel)) return this;
+    const entry = { since: since || null, active: false, askedOn: null, presence: null };
+    this._channels.set(channel, entry);
+    if (this._isOpen()) this._sendSubscribe(channel, entry);
+    return this;
+  }
+
+  /**
+   * Leave a channel: no event of it is delivered from now on, and it is not resumed.
+   * @returns {boolean} whether the channel was held
+   */
+  unsubscribe(channel) {
+    channel = String(channel);
+    if (!this._channels.delete(channel)) return false;
+    if (this._isOpen()) this.send("UNSUBSCRIBE", { channel });
+    return true;
+  }
+
+  /**
+   * The last known presence of a channel: `{ channel, count, truncated, users }`, where `users`
+   * is `[{ userId, connections }]` (or `null` above the server's `presence_max_members`), or
+   * `null` when nothing is known yet (not a presence channel, or no PRESENCE arrived).
+   */
+  presence(channel) {
+    const entry = this._channels.get(String(channel));
+    const known = entry && entry.presence;
+    if (!known) return null;
+    const users = known.users
+      ? [...known.users].map(([userId, connections]) => ({ userId, connections }))
+      : null;
+    return { channel: String(channel), count: known.count, truncated: known.truncated, users };
+  }
+
+  /** Ask the server for a channel's presence again (answered with PRESENCE). Returns whether it was sent. */
+  requestPresence(channel) {
+    return this.send("PRESENCE", { channel: String(channel) });
   }
 
   /**
@@ -200,6 +283,10 @@ export class PomoSocket {
       return;
     }
     this._ws = ws;
+    for (const channel of this._urlChannels) {
+      const entry = this._channels.get(channel);
+      if (entry) entry.askedOn = ws;
+    }
     this._openedAt = 0;
     ws.onmessage = (message) => {
       if (this._ws === ws) this._onMessage(message);
@@ -228,7 +315,82 @@ export class PomoSocket {
     if (url.protocol === "https:") url.protocol = "wss:";
     if (this._cursor) url.searchParams.set("last_event_id", this._cursor);
     else url.searchParams.delete("last_event_id");
+    // With a cursor, only channels already held resume in the URL (their events after the cursor
+    // are replayed); the others subscribe once open, so that they get their retained state. Without
+    // a cursor every channel without its own `since` goes in the URL: a fresh subscribe.
+    const inUrl = [];
+    for (const [channel, entry] of this._channels) {
+      if (this._cursor ? entry.active : !entry.since) inUrl.push(channel);
+    }
+    this._urlChannels = inUrl;
+    if (inUrl.length) url.searchParams.set("channels", inUrl.join(","));
+    else url.searchParams.delete("channels");
     return url.toString();
+  }
+
+  _isOpen() {
+    return Boolean(this._ws) && this._ws.readyState === 1 && this._status === Status.OPEN;
+  }
+
+  _sendSubscribe(channel, entry) {
+    const data = entry.since ? { channel, since: entry.since } : { channel };
+    if (this.send("SUBSCRIBE", data)) entry.askedOn = this._ws;
+  }
+
+  _channelOf(event) {
+    if (typeof event.channel === "string") return event.channel;
+    // Only the server's own messages name their channel in `data`: an app event's data is the app's.
+    if (!CHANNEL_CONTROL.has(event.type)) return null;
+    const data = event.data;
+    return data && typeof data === "object" && typeof data.channel === "string" ? data.channel : null;
+  }
+
+  /** What a channel message does to the channel set; returns false when the message must be dropped. */
+  _onChannelMessage(event) {
+    const type = event.type;
+    const data = event.data && typeof event.data === "object" ? event.data : {};
+    const channel = this._channelOf(event);
+    if (channel === null) return true;
+    const entry = this._channels.get(channel);
+    if (type === "SUBSCRIBED") {
+      if (!entry) return false; // unsubscribed meanwhile
+      entry.active = true;
+      entry.since = null; // from now on the cursor covers it
+      return true;
+    }
+    if (type === "UNSUBSCRIBED") {
+      const reason = data.reason || event.reason;
+      if (reason && entry) {
+        this._channels.delete(channel); // revoked by the server
+        this._emit("unsubscribed", channel, reason);
+      }
+      return true;
+    }
+    if (type === "ERROR") {
+      if (entry && ["forbidden", "invalid_channel", "too_many_channels"].includes(data.code)) {
+        this._channels.delete(channel);
+        this._emit("unsubscribed", channel, event);
+      }
+      return true;
+    }
+    if (type === "RESYNC_REQUIRED") return Boolean(entry);
+    if (!entry) return false; // an event of a channel left: in flight before UNSUBSCRIBE
+    if (type === "PRESENCE") {
+      const users = Array.isArray(data.users)
+        ? new Map(data.users.map((user) => [String(user.userId), Number(user.connections) || 1]))
+        : null;
+      const count = typeof data.count === "number" ? data.count : users ? users.size : 0;
+      entry.presence = { users, count, truncated: Boolean(data.truncated) || !users };
+      this._emit("presence", channel, this.presence(channel));
+    } else if ((type === "PRESENCE_JOIN" || type === "PRESENCE_LEAVE") && entry.presence && entry.presence.users) {
+      const users = entry.presence.users;
+      const userId = String(data.userId);
+      if (type === "PRESENCE_JOIN") users.set(userId, users.get(userId) || 1);
+      else users.delete(userId);
+      entry.presence.count = users.size;
+      this._emit("presence", channel, this.presence(channel));
+    }
+    return true;
   }
 
   _onMessage(message) {
@@ -250,16 +412,31 @@ export class PomoSocket {
       this._authFailures = 0;
       if (event.id) this._cursor = event.id;
       this._setStatus(Status.OPEN);
+      // Channels that were not in the URL: subscribe now (with their own `since`, if any).
+      for (const [channel, entry] of this._channels) {
+        if (entry.askedOn !== this._ws) this._sendSubscribe(channel, entry);
+      }
+    } else if (type === "RESYNC_REQUIRED" && this._channelOf(event) !== null) {
+      // One channel's `since` could not be recovered: its state must be refetched. The id is the
+      // server's current position, possibly ahead of events still in flight: not a cursor.
+      if (!this._onChannelMessage(event)) return;
     } else if (type === "RESYNC_REQUIRED") {
       if (event.id) this._cursor = event.id;
       this._seen.clear();
       this._seenOrder = [];
     } else if (type === "TOKEN_EXPIRING") {
       this._refreshInBand();
+    } else if (type === "SUBSCRIBED" || type === "UNSUBSCRIBED" || event.retained === true) {
+      // SUBSCRIBED's id is informational, and a retained event is state, not a position: neither
+      // moves the cursor nor is deduplicated.
+      if (!this._onChannelMessage(event)) return;
     } else if (event.id) {
       if (this._seen.has(event.id)) return;
       this._remember(event.id);
       this._cursor = event.id;
+      if (!this._onChannelMessage(event)) return;
+    } else if (!this._onChannelMessage(event)) {
+      return;
     }
     this._emit("message", event);
     if (type === "RESYNC_REQUIRED") this._emit("resync", event);

@@ -384,3 +384,229 @@ def test_going_back_online_skips_the_backoff_and_connect_after_close_starts_fres
     )
     assert result["afterClose"] == 2
     assert result["statuses"] == ["connecting", "open", "reconnecting", "closed", "connecting", "closed"]
+
+
+def channels_of(url: str) -> str | None:
+    from urllib.parse import parse_qs, urlsplit
+
+    values = parse_qs(urlsplit(url).query).get("channels")
+    return values[0] if values else None
+
+
+def cursor_of(url: str) -> str | None:
+    from urllib.parse import parse_qs, urlsplit
+
+    values = parse_qs(urlsplit(url).query).get("last_event_id")
+    return values[0] if values else None
+
+
+def test_channels_resume_with_the_one_cursor_and_each_missed_event_arrives_once(page: Page) -> None:
+    result = run(
+        page,
+        """
+        const t = h.make();
+        t.socket.subscribe("team:42").subscribe("board:7");
+        t.socket.connect();
+        await h.until(() => t.fakes.length === 1, "a socket");
+        const first = t.fakes[0];
+        first.accept("c0");
+        const sentBeforeSubscribed = first.sent.length;
+        first.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "team:42", presence: true }, id: "s9" });
+        first.deliver({ type: "TIMER", userId: null, data: { endsAt: 1 }, channel: "team:42", retained: true });
+        first.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "board:7", presence: false }, id: "s9" });
+        const afterSubscribed = t.socket.lastEventId;
+        first.deliver({ type: "CARD", userId: null, data: { n: 1 }, channel: "board:7", id: "e1" });
+        first.deliver({ type: "TASK_CREATED", userId: "u", data: { channel: "not a channel" }, id: "e2" });
+        first.serverClose(1006, "");
+        await h.until(() => t.fakes.length === 2, "a reconnect");
+        t.fakes[1].serverClose(1006, "");  // offline: the attempt fails before CONNECTION_ESTABLISHED
+        await h.until(() => t.fakes.length === 3, "another attempt");
+        const second = t.fakes[2];
+        second.accept("e2");
+        second.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "team:42", presence: true }, id: "s10" });
+        second.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "board:7", presence: false }, id: "s10" });
+        second.deliver({ type: "CARD", userId: null, data: { n: 1 }, channel: "board:7", id: "e1" });  // overlap
+        second.deliver({ type: "CARD", userId: null, data: { n: 2 }, channel: "board:7", id: "e3" });
+        second.deliver({ type: "TIMER", userId: null, data: { endsAt: 2 }, channel: "team:42", id: "e4" });
+        const cursor = t.socket.lastEventId;
+        t.socket.close();
+        return { urls: t.fakes.map((f) => f.url), sentBeforeSubscribed, afterSubscribed, cursor,
+                 seen: t.seen, channels: t.socket.channels };
+        """,
+    )
+    first_url, failed_url, second_url = result["urls"]
+    assert failed_url == second_url  # a failed attempt changes nothing: the channels still resume
+    assert channels_of(first_url) == "team:42,board:7"  # a fresh handshake subscribes in the URL
+    assert cursor_of(first_url) is None
+    assert result["sentBeforeSubscribed"] == 0  # nothing to SUBSCRIBE by message
+    assert result["afterSubscribed"] == "c0"  # neither SUBSCRIBED's id nor a retained event is a cursor
+    assert cursor_of(second_url) == "e2"
+    assert channels_of(second_url) == "team:42,board:7"
+    assert result["seen"] == [
+        "CONNECTION_ESTABLISHED:c0",
+        "SUBSCRIBED:s9",
+        "TIMER",
+        "SUBSCRIBED:s9",
+        "CARD:e1",
+        "TASK_CREATED:e2",  # an app event whose data has a "channel" key is still delivered
+        "CONNECTION_ESTABLISHED:e2",
+        "SUBSCRIBED:s10",
+        "SUBSCRIBED:s10",
+        "CARD:e3",
+        "TIMER:e4",
+    ]
+    assert result["cursor"] == "e4"
+    assert result["channels"] == ["team:42", "board:7"]
+
+
+def test_subscribe_and_unsubscribe_while_open_and_a_channel_added_offline_subscribes_by_message(page: Page) -> None:
+    result = run(
+        page,
+        """
+        const t = h.make();
+        t.socket.connect();
+        await h.until(() => t.fakes.length === 1, "a socket");
+        const first = t.fakes[0];
+        first.accept("c0");
+        t.socket.subscribe("team:1");
+        t.socket.subscribe("room:2", { since: "e0" });
+        t.socket.subscribe("team:1");  // already held: nothing sent
+        first.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "team:1", presence: false }, id: "s1" });
+        first.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "room:2", presence: false }, id: "s1" });
+        const left = t.socket.unsubscribe("room:2");
+        const leftAgain = t.socket.unsubscribe("room:2");
+        first.deliver({ type: "MSG", userId: null, data: {}, channel: "room:2", id: "e5" });  // in flight: dropped
+        first.deliver({ type: "UNSUBSCRIBED", userId: "u", data: { channel: "room:2" } });
+        first.serverClose(1012, "Service Restart");
+        t.socket.subscribe("late:3");  // while reconnecting: it needs its retained state, not a resume
+        await h.until(() => t.fakes.length === 2, "a reconnect");
+        const second = t.fakes[1];
+        second.accept("e5");
+        const sent = second.sent;
+        t.socket.close();
+        return { sent1: first.sent, sent2: sent, url2: second.url, left, leftAgain, seen: t.seen,
+                 cursor: t.socket.lastEventId, channels: t.socket.channels };
+        """,
+    )
+    assert result["sent1"] == [
+        {"type": "SUBSCRIBE", "data": {"channel": "team:1"}},
+        {"type": "SUBSCRIBE", "data": {"channel": "room:2", "since": "e0"}},
+        {"type": "UNSUBSCRIBE", "data": {"channel": "room:2"}},
+    ]
+    assert (result["left"], result["leftAgain"]) == (True, False)
+    assert "MSG:e5" not in result["seen"]
+    assert result["seen"][-2:] == ["UNSUBSCRIBED", "CONNECTION_ESTABLISHED:e5"]
+    assert result["cursor"] == "e5"  # the dropped event still moved the cursor: it was received
+    assert cursor_of(result["url2"]) == "e5"
+    assert channels_of(result["url2"]) == "team:1"
+    assert result["sent2"] == [{"type": "SUBSCRIBE", "data": {"channel": "late:3"}}]
+    assert result["channels"] == ["team:1", "late:3"]
+
+
+def test_the_server_revoking_or_refusing_a_channel_removes_it(page: Page) -> None:
+    result = run(
+        page,
+        """
+        const t = h.make({ lastEventId: "c0", channels: ["a", "b", "c"] });
+        const gone = [];
+        t.socket.on("unsubscribed", (channel, why) =>
+          gone.push([channel, typeof why === "string" ? why : why.data.code]));
+        const errors = [];
+        t.socket.on("error", (e) => errors.push(e.data.code));
+        t.socket.connect();
+        await h.until(() => t.fakes.length === 1, "a socket");
+        const first = t.fakes[0];
+        first.accept("c0");
+        first.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "a", presence: false }, id: "s1" });
+        first.deliver({ type: "ERROR", userId: "u", data: { code: "forbidden", message: "no", channel: "b" } });
+        first.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "c", presence: false }, id: "s1" });
+        first.deliver({ type: "UNSUBSCRIBED", userId: "u", data: { channel: "c", reason: "Removed from the team" } });
+        first.deliver({ type: "MSG", userId: null, data: {}, channel: "c", id: "e1" });
+        first.deliver({ type: "ERROR", userId: "u", data: { code: "rate_limited", message: "slow down" } });
+        t.socket.drop();
+        await h.until(() => t.fakes.length === 2, "a reconnect");
+        t.socket.close();
+        return { url1: first.url, url2: t.fakes[1].url, gone, errors, channels: t.socket.channels, seen: t.seen };
+        """,
+    )
+    assert channels_of(result["url1"]) == "a,b,c"  # given with lastEventId: resumed
+    assert result["gone"] == [["b", "forbidden"], ["c", "Removed from the team"]]
+    assert result["errors"] == ["forbidden", "rate_limited"]
+    assert result["channels"] == ["a"]
+    assert channels_of(result["url2"]) == "a"
+    assert "MSG:e1" not in result["seen"]
+
+
+def test_presence_is_tracked_from_presence_join_and_leave(page: Page) -> None:
+    result = run(
+        page,
+        """
+        const t = h.make();
+        const updates = [];
+        t.socket.on("presence", (channel, p) => updates.push([channel, p.count]));
+        t.socket.subscribe("team:1").subscribe("big:1");
+        t.socket.connect();
+        await h.until(() => t.fakes.length === 1, "a socket");
+        const ws = t.fakes[0];
+        ws.accept("c0");
+        const before = t.socket.presence("team:1");
+        ws.deliver({ type: "SUBSCRIBED", userId: "me", data: { channel: "team:1", presence: true }, id: "s1" });
+        ws.deliver({ type: "PRESENCE", userId: "me", data: { channel: "team:1",
+                     users: [{ userId: "me", connections: 2 }, { userId: "ann", connections: 1 }], count: 2 } });
+        const member = (type, userId) =>
+          ({ type, userId: null, data: { channel: "team:1", userId }, channel: "team:1" });
+        ws.deliver(member("PRESENCE_JOIN", "bob"));
+        ws.deliver(member("PRESENCE_LEAVE", "ann"));
+        const team = t.socket.presence("team:1");
+        ws.deliver({ type: "SUBSCRIBED", userId: "me", data: { channel: "big:1", presence: true }, id: "s1" });
+        ws.deliver({ type: "PRESENCE", userId: "me", data: { channel: "big:1", count: 500, truncated: true } });
+        const big = t.socket.presence("big:1");
+        const asked = t.socket.requestPresence("team:1");
+        t.socket.unsubscribe("team:1");
+        const after = t.socket.presence("team:1");
+        t.socket.close();
+        return { before, team, big, asked, after, updates, sent: ws.sent };
+        """,
+    )
+    assert result["before"] is None
+    assert result["team"] == {
+        "channel": "team:1",
+        "count": 2,
+        "truncated": False,
+        "users": [{"userId": "me", "connections": 2}, {"userId": "bob", "connections": 1}],
+    }
+    assert result["big"] == {"channel": "big:1", "count": 500, "truncated": True, "users": None}
+    assert result["updates"] == [["team:1", 2], ["team:1", 3], ["team:1", 2], ["big:1", 500]]
+    assert result["asked"] is True
+    assert result["after"] is None
+    assert result["sent"][-2:] == [
+        {"type": "PRESENCE", "data": {"channel": "team:1"}},
+        {"type": "UNSUBSCRIBE", "data": {"channel": "team:1"}},
+    ]
+
+
+def test_a_channel_resync_is_emitted_without_moving_the_cursor(page: Page) -> None:
+    result = run(
+        page,
+        """
+        const t = h.make();
+        const resyncs = [];
+        t.socket.on("resync", (e) => resyncs.push(e.data.channel || null));
+        t.socket.connect();
+        await h.until(() => t.fakes.length === 1, "a socket");
+        const ws = t.fakes[0];
+        ws.accept("c0");
+        ws.deliver({ type: "TASK_CREATED", userId: "u", data: {}, id: "e1" });
+        t.socket.subscribe("room:1", { since: "old" });
+        ws.deliver({ type: "SUBSCRIBED", userId: "u", data: { channel: "room:1", presence: false }, id: "s5" });
+        const why = { reason: "history_unavailable", channel: "room:1" };
+        ws.deliver({ type: "RESYNC_REQUIRED", userId: "u", data: why, id: "s5" });
+        ws.deliver({ type: "TASK_CREATED", userId: "u", data: {}, id: "e1" });  // still deduplicated
+        const cursor = t.socket.lastEventId;
+        t.socket.close();
+        return { resyncs, cursor, seen: t.seen };
+        """,
+    )
+    assert result["resyncs"] == ["room:1"]
+    assert result["cursor"] == "e1"
+    assert result["seen"].count("TASK_CREATED:e1") == 1

@@ -482,3 +482,166 @@ async def test_a_client_notification_reaches_the_senders_tabs_only(app: Starlett
             assert error["data"]["code"] == "unknown_type" and "NOTIFICATION" in error["data"]["message"]
             await other.send_json({"type": "PING"})
             assert (await receive(other))["type"] == "PONG", "bob got nothing of ann's"
+
+
+# -- teams: a board and a timer on the channel team:<team>, and its presence -------------------------
+
+
+async def log_in(client: httpx.AsyncClient, user: str) -> str:
+    response = await client.post("/api/login", json={"name": user})
+    assert response.status_code == 200, response.text
+    token: str = response.json()["token"]
+    return token
+
+
+@contextlib.asynccontextmanager
+async def team_socket(client: httpx.AsyncClient, user: str, team: str) -> AsyncIterator[AsyncWebSocketSession]:
+    """A socket with the demo login's token, subscribed to its team's channel in the handshake."""
+    headers = {"Authorization": f"Bearer {await log_in(client, user)}"}
+    async with aconnect_ws(
+        f"/ws?channels=team:{team}", client, headers=headers, session_class=AsyncWebSocketSession
+    ) as ws:
+        await receive(ws, "CONNECTION_ESTABLISHED")
+        subscribed = await receive(ws, "SUBSCRIBED")
+        assert subscribed["data"] == {"channel": f"team:{team}", "presence": True}
+        yield ws
+
+
+async def receive_past(
+    ws: AsyncWebSocketSession, expected_type: str, skipped: list[Any] | None = None
+) -> dict[str, Any]:
+    """The next event of `expected_type`; the ones before it go to `skipped`."""
+    while True:
+        event = await receive(ws)
+        if event["type"] == expected_type:
+            return event
+        if skipped is not None:
+            skipped.append(event)
+
+
+async def test_login_puts_the_users_own_team_channels_in_the_token(app: Starlette) -> None:
+    async with serve(app) as client:
+        member = jwt.decode(await log_in(client, "alice@focus"), SECRET, algorithms=["HS256"])
+        assert member["channels"] == ["team:focus", "team:focus:*"]
+        solo = jwt.decode(await log_in(client, "alice"), SECRET, algorithms=["HS256"])
+        assert "channels" not in solo
+        assert (await client.post("/api/login", json={"name": "bob@focus"})).json()["team"] == "focus"
+    assert "team:*" in app.state.settings.presence_channels
+
+
+async def test_team_board_and_timer_reach_the_team_and_no_one_else(app: Starlette) -> None:
+    async with (
+        serve(app) as client,
+        team_socket(client, "alice@focus", "focus") as alice,
+        team_socket(client, "bob@focus", "focus") as bob,
+        team_socket(client, "carol@other", "other") as carol,
+    ):
+        created = await client.post("/api/team/tasks", json={"title": "Plan the launch"}, headers=auth("alice@focus"))
+        assert created.status_code == 201
+        task = created.json()
+        assert task["createdBy"] == "alice@focus" and task["status"] == "pending"
+        event = await receive_past(bob, "TEAM_TASK_CREATED")
+        assert event["channel"] == "team:focus" and event["userId"] is None and event["id"]
+        assert event["data"] == task
+        assert (await receive_past(alice, "TEAM_TASK_CREATED"))["data"] == task
+
+        done = await client.post(
+            f"/api/team/tasks/{task['id']}/status", json={"status": "completed"}, headers=auth("bob@focus")
+        )
+        assert done.json()["status"] == "completed"
+        assert (await receive_past(alice, "TEAM_TASK_UPDATED"))["data"]["status"] == "completed"
+
+        started = await client.post("/api/team/timer", json={"duration": 600}, headers=auth("bob@focus"))
+        assert started.status_code == 201
+        timer = started.json()
+        assert timer["running"] and timer["duration"] == 600 and timer["startedBy"] == "bob@focus"
+        assert timer["endsAt"] > timer["startedAt"]  # the server's clock decides the end
+        assert (await receive_past(alice, "TEAM_TIMER"))["data"] == timer
+        again = await client.post("/api/team/timer", json={}, headers=auth("alice@focus"))
+        assert again.status_code == 409
+
+        # A later subscriber gets the timer as retained state, without an id.
+        async with team_socket(client, "erin@focus", "focus") as erin:
+            retained = await receive(erin, "TEAM_TIMER")
+            assert retained["retained"] is True and "id" not in retained
+            assert retained["data"] == timer
+
+        state = (await client.get("/api/state", headers=auth("bob@focus"))).json()
+        assert state["team"]["name"] == "focus" and state["team"]["channel"] == "team:focus"
+        assert state["team"]["timer"] == timer
+        assert [t["id"] for t in state["team"]["tasks"]] == [task["id"]]
+
+        assert (await client.delete(f"/api/team/tasks/{task['id']}", headers=auth("alice@focus"))).status_code == 204
+        assert (await receive_past(bob, "TEAM_TASK_DELETED"))["data"] == {"taskId": task["id"]}
+
+        # The other team's first board event is its own: nothing of team:focus reached carol.
+        await client.post("/api/team/tasks", json={"title": "Theirs"}, headers=auth("dave@other"))
+        before: list[Any] = []
+        theirs = await receive_past(carol, "TEAM_TASK_CREATED", before)
+        assert theirs["channel"] == "team:other" and theirs["data"]["title"] == "Theirs"
+        assert {e["data"]["channel"] for e in before} == {"team:other"}, before  # her presence, nothing of focus
+        assert (await client.get("/api/state", headers=auth("carol@other"))).json()["team"]["tasks"][0]["title"] == (
+            "Theirs"
+        )
+
+        stopped = await client.post("/api/team/timer/stop", json={}, headers=auth("alice@focus"))
+        assert stopped.json() == {
+            "running": False,
+            "stoppedBy": "alice@focus",
+            "stoppedAt": stopped.json()["stoppedAt"],
+        }
+        assert (await receive_past(bob, "TEAM_TIMER"))["data"]["running"] is False
+
+
+async def test_a_member_may_not_subscribe_to_another_team(app: Starlette) -> None:
+    async with serve(app) as client:
+        headers = {"Authorization": f"Bearer {await log_in(client, 'carol@other')}"}
+        async with aconnect_ws(
+            "/ws?channels=team:focus", client, headers=headers, session_class=AsyncWebSocketSession
+        ) as ws:
+            await receive(ws, "CONNECTION_ESTABLISHED")
+            refusal = await receive(ws, "ERROR")
+            assert refusal["data"]["code"] == "forbidden" and refusal["data"]["channel"] == "team:focus"
+
+
+async def test_members_focus_shows_on_the_team_channel_but_not_its_task(app: Starlette) -> None:
+    async with serve(app) as client, team_socket(client, "alice@focus", "focus") as alice:
+        task = (await client.post("/api/tasks", json={"title": "Private"}, headers=auth("bob@focus"))).json()
+        body = {"type": "work", "duration": 300, "taskId": task["id"]}
+        session = (await client.post("/api/sessions", json=body, headers=auth("bob@focus"))).json()
+        focus = await receive_past(alice, "MEMBER_FOCUS")
+        assert focus["channel"] == "team:focus"
+        assert focus["data"] == {"userId": "bob@focus", "focusing": True, "endsAt": focus["data"]["endsAt"]}
+        state = (await client.get("/api/state", headers=auth("alice@focus"))).json()
+        assert state["team"]["focusing"] == {"bob@focus": focus["data"]["endsAt"]}
+        assert state["tasks"] == []  # bob's task stays bob's
+        await client.post(f"/api/sessions/{session['id']}/end", json={"completed": False}, headers=auth("bob@focus"))
+        assert (await receive_past(alice, "MEMBER_FOCUS"))["data"] == {"userId": "bob@focus", "focusing": False}
+        assert (await client.get("/api/state", headers=auth("alice@focus"))).json()["team"]["focusing"] == {}
+
+
+async def test_team_endpoints_need_a_team_and_validate(app: Starlette) -> None:
+    async with serve(app) as client:
+        for method, path in [
+            ("POST", "/api/team/tasks"),
+            ("POST", "/api/team/timer"),
+            ("POST", "/api/team/timer/stop"),
+            ("DELETE", "/api/team/tasks/x"),
+        ]:
+            response = await client.request(method, path, json={"title": "x"}, headers=auth("alice"))
+            assert response.status_code == 403, path
+            assert "name@team" in response.json()["error"]
+        member = auth("alice@focus")
+        assert (await client.post("/api/team/tasks", json={"title": ""}, headers=member)).status_code == 400
+        assert (
+            await client.post("/api/team/tasks/x/status", json={"status": "done"}, headers=member)
+        ).status_code == 400
+        assert (
+            await client.post("/api/team/tasks/x/status", json={"status": "completed"}, headers=member)
+        ).status_code == 404
+        assert (await client.delete("/api/team/tasks/x", headers=member)).status_code == 404
+        assert (await client.post("/api/team/timer", json={"duration": 0}, headers=member)).status_code == 400
+        # Another team's task is not on yours.
+        theirs = (await client.post("/api/team/tasks", json={"title": "t"}, headers=auth("bob@other"))).json()
+        assert (await client.delete(f"/api/team/tasks/{theirs['id']}", headers=member)).status_code == 404
+        assert (await client.get("/api/state", headers=auth("alice"))).json()["team"] is None

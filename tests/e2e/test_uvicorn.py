@@ -43,7 +43,9 @@ def fastapi_app(pomo: PomoWS) -> Any:
     async def publish(request: FastAPIRequest) -> dict[str, str]:
         body = await request.json()
         broadcaster: Broadcaster = request.state.broadcaster
-        if body.get("user") is None:
+        if "channel" in body:
+            event = await broadcaster.broadcast_to_channel(body["channel"], body["type"], body.get("data"))
+        elif body.get("user") is None:
             event = await broadcaster.broadcast_to_all(body["type"], body.get("data"))
         else:
             event = await broadcaster.broadcast_to_user(body["user"], body["type"], body.get("data"))
@@ -57,7 +59,9 @@ def litestar_app(pomo: PomoWS) -> Any:
     async def publish(request: LitestarRequest[Any, Any, Any]) -> dict[str, str]:
         data = await request.json()
         broadcaster: Broadcaster = request.state.broadcaster
-        if data.get("user") is None:
+        if "channel" in data:
+            event = await broadcaster.broadcast_to_channel(data["channel"], data["type"], data.get("data"))
+        elif data.get("user") is None:
             event = await broadcaster.broadcast_to_all(data["type"], data.get("data"))
         else:
             event = await broadcaster.broadcast_to_user(data["user"], data["type"], data.get("data"))
@@ -122,6 +126,26 @@ async def test_fan_out_reaches_every_tab_of_the_user_and_no_one_else(
                 assert event["type"] == "NOTIFICATION"
                 assert event["userId"] is None
             # bob never saw alice's task: the next thing he gets is the answer to his own ping
+            await other.send(json.dumps({"type": "PING"}))
+            assert (await recv(other))["type"] == "PONG"
+
+
+async def test_a_channel_event_reaches_its_subscribers_on_every_framework(framework: Callable[[PomoWS], Any]) -> None:
+    pomo = PomoWS(make_settings())
+    async with run_server(framework(pomo)) as server:
+        member, outsider = make_token("alice", channels=["team:*"]), make_token("bob", channels=["team:*"])
+        async with (
+            connect(server.url(f"/ws?token={member}&channels=team:42")) as ws,
+            connect(server.url(f"/ws?token={outsider}")) as other,
+        ):
+            assert (await recv(ws))["type"] == "CONNECTION_ESTABLISHED"
+            assert (await recv(ws))["type"] == "SUBSCRIBED"
+            assert (await recv(other))["type"] == "CONNECTION_ESTABLISHED"
+            async with httpx.AsyncClient(base_url=server.http) as http:
+                response = await http.post("/publish", json={"channel": "team:42", "type": "TASK_CREATED", "data": 1})
+                assert response.status_code == 200
+            event = await recv(ws)
+            assert (event["type"], event["channel"], event["id"]) == ("TASK_CREATED", "team:42", response.json()["id"])
             await other.send(json.dumps({"type": "PING"}))
             assert (await recv(other))["type"] == "PONG"
 

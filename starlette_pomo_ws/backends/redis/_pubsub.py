@@ -343,7 +343,8 @@ class PubSub:
                     "Redis lost its data" if position.epoch != tracked.epoch else "history trimmed",
                 )
                 self.tracked = position
-                self._signal("resync", {})
+                reason = "new_epoch" if position.epoch != tracked.epoch else "history_unavailable"
+                self._signal("resync", {"epoch": position.epoch, "seq": position.seq, "reason": reason})
             else:
                 if records:
                     logger.info("Redis pub/sub caught up %d missed events", len(records))

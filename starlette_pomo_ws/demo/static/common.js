@@ -8,6 +8,12 @@ export function currentUser() {
   return localStorage.getItem(USER_KEY);
 }
 
+/** The team of a user named name@team (as the server reads it), or null. */
+export function teamOf(user) {
+  const at = user ? user.indexOf("@") : -1;
+  return at > 0 && at < user.length - 1 ? user.slice(at + 1) : null;
+}
+
 /** The dev login: mint a token for a user name. Real apps get tokens from their own login. */
 export async function login(name) {
   const response = await fetch("/api/login", {
