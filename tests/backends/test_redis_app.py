@@ -121,12 +121,13 @@ async def test_a_dead_nodes_members_leave_the_presence_of_every_other_node(
     settings = make_settings(presence_channels=("team:*",), cursor_secret="shared-by-every-node-0123456789abcdef")
     backends = [RedisBackend(redis_url, key_prefix=key_prefix, presence_ttl=0.9) for _ in range(2)]
     nodes = [PomoWS(settings, backend=backend) for backend in backends]
-    token = {user: make_token(user, channels=["team:*"]) for user in ("watcher", "alice")}
+    token = {user: make_token(user, channels=["team:*", "room:*"]) for user in ("watcher", "alice")}
     async with run_server(make_app(nodes[0])) as dying, run_server(make_app(nodes[1])) as surviving:
-        async with connect(surviving.url(f"/ws?token={token['watcher']}&channels=team:1")) as watcher:
-            seen = [(await recv(watcher))["type"] for _ in range(3)]
-            assert seen == ["CONNECTION_ESTABLISHED", "SUBSCRIBED", "PRESENCE"]
-            alice = await connect(dying.url(f"/ws?token={token['alice']}&channels=team:1"))
+        async with connect(surviving.url(f"/ws?token={token['watcher']}&channels=team:1,room:1")) as watcher:
+            seen = [(await recv(watcher))["type"] for _ in range(4)]
+            assert seen == ["CONNECTION_ESTABLISHED", "SUBSCRIBED", "PRESENCE", "SUBSCRIBED"]
+            # room:1 is not a presence channel: its members leave silently.
+            alice = await connect(dying.url(f"/ws?token={token['alice']}&channels=team:1,room:1"))
             assert (await recv(alice))["type"] == "CONNECTION_ESTABLISHED"
             message = await next_of(watcher, "PRESENCE_JOIN")
             assert message["data"] == {"channel": "team:1", "userId": "alice"}
@@ -139,14 +140,22 @@ async def test_a_dead_nodes_members_leave_the_presence_of_every_other_node(
             assert left["data"] == {"channel": "team:1", "userId": "alice"}
             assert left["channel"] == "team:1"
             assert time.monotonic() - started < 0.9 + 2
+            await watcher.send(json.dumps({"type": "PING"}))
+            rest = await next_of(watcher, "PONG", seen=(seen := []))
+            assert rest["type"] == "PONG"
+            assert [m for m in seen if m["type"].startswith("PRESENCE")] == []
+            assert await nodes[1].broadcaster.channel_subscriber_count("room:1") == 1
             assert await nodes[1].broadcaster.presence("team:1") == {"watcher": 1}
             assert await nodes[1].broadcaster.channel_subscriber_count("team:1") == 1
             await alice.close()
 
 
-async def next_of(ws: Any, kind: str, within: float = 5) -> dict[str, Any]:
+async def next_of(ws: Any, kind: str, within: float = 5, seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The next message of `kind`; the ones before it go to `seen`."""
     with anyio.fail_after(within):
         while True:
             message = await recv(ws, within=within)
             if message["type"] == kind:
                 return message
+            if seen is not None:
+                seen.append(message)

@@ -32,8 +32,8 @@ def head(n: int) -> str:
     return f'{{"type":"E","userId":null,"data":{n},"timestamp":"2025-01-06T12:00:00.000Z"'
 
 
-def left(channel: str, user_id: str) -> tuple[str, dict[str, Any]]:
-    return ("presence", {"channel": channel, "user_id": user_id, "joined": False})
+def left(channel: str, user_id: str, users: int = 0) -> tuple[str, dict[str, Any]]:
+    return ("presence", {"channel": channel, "user_id": user_id, "joined": False, "users": users})
 
 
 async def numsub(url: str, *channels: str) -> dict[str, int]:
@@ -275,7 +275,7 @@ async def test_a_dead_nodes_members_leave_and_every_node_hears_it(redis_factory:
     crashing._members.local.clear()
     await crashing.stop()
     assert await observer.channel_subscriber_count("team:42") == 3
-    gone = [left("team:42", "u1"), left("team:43", "u1")]
+    gone = [left("team:42", "u1", 1), left("team:43", "u1", 0)]
     for recorder in (survivor_recorder, observer_recorder):
         await heard(recorder, gone)
     # Exactly once per user and channel, whichever node noticed; u2 still has a connection.
@@ -296,7 +296,7 @@ async def test_a_graceful_stop_forgets_the_nodes_members_at_once(redis_factory: 
     await observer.join_channel("node-b", "team:42", "u2")
     await leaving.stop()
     assert await observer.channel_members("team:42") == {"u2": 1}
-    await recorder.wait(lambda: left("team:42", "u1") in recorder.controls)
+    await recorder.wait(lambda: left("team:42", "u1", 1) in recorder.controls)
 
 
 async def test_a_node_forgotten_as_dead_writes_its_members_again(redis_factory: Factory) -> None:
@@ -312,7 +312,7 @@ async def test_a_node_forgotten_as_dead_writes_its_members_again(redis_factory: 
     assert await observer.channel_members("team:42") == {}
     await paused._members.refresh()
     assert await observer.channel_members("team:42") == {"u1": 2}
-    joined = ("presence", {"channel": "team:42", "user_id": "u1", "joined": True})
+    joined = ("presence", {"channel": "team:42", "user_id": "u1", "joined": True, "users": 1})
     await recorder.wait(lambda: joined in recorder.controls)
     # Its later leaves count from the restored view.
     assert await paused.leave_channel("node-a", "team:42", "u1") == (1, 1)
