@@ -424,9 +424,15 @@ class Channels:
             text = _channel_text(EventType.PRESENCE, channel, snapshot)
         else:
             who = arguments.get("user_id")
-            if not isinstance(who, str):
+            if not isinstance(who, str) or not self.is_presence(channel):
                 return
-            kind = EventType.PRESENCE_JOIN if arguments.get("joined") else EventType.PRESENCE_LEAVE
+            joined = bool(arguments.get("joined"))
+            users = arguments.get("users")
+            # A backend's own announcement (the members of a dead node) carries the channel's users after
+            # it: the same presence_max_members rule as for a join or leave made here.
+            if isinstance(users, int) and (users > self._max_members if joined else users >= self._max_members):
+                return
+            kind = EventType.PRESENCE_JOIN if joined else EventType.PRESENCE_LEAVE
             text = _channel_text(kind, channel, {"channel": channel, "userId": who})
         message, size = _message(text)
         context = contextvars.copy_context()

@@ -110,3 +110,52 @@ async def test_records_carry_the_publish_time(redis_factory: Any) -> None:
     # Redis's TIME, in milliseconds: within the publish call's span, give or take that rounding.
     assert before - 0.002 <= stored.published_at <= after + 0.002
     assert live.published_at == stored.published_at
+
+
+async def test_a_dead_nodes_members_leave_the_presence_of_every_other_node(
+    redis_url: str, key_prefix: str, redis_cleanup: None
+) -> None:
+    """Two nodes share a presence channel. One dies without a goodbye (its refresher stops while its
+    socket stays open, as a frozen process looks to Redis): after `presence_ttl` the watcher on the
+    other node gets `PRESENCE_LEAVE` for the users whose last connection was there, and the counts forget them."""
+    settings = make_settings(presence_channels=("team:*",), cursor_secret="shared-by-every-node-0123456789abcdef")
+    backends = [RedisBackend(redis_url, key_prefix=key_prefix, presence_ttl=0.9) for _ in range(2)]
+    nodes = [PomoWS(settings, backend=backend) for backend in backends]
+    token = {user: make_token(user, channels=["team:*", "room:*"]) for user in ("watcher", "alice")}
+    async with run_server(make_app(nodes[0])) as dying, run_server(make_app(nodes[1])) as surviving:
+        async with connect(surviving.url(f"/ws?token={token['watcher']}&channels=team:1,room:1")) as watcher:
+            seen = [(await recv(watcher))["type"] for _ in range(4)]
+            assert seen == ["CONNECTION_ESTABLISHED", "SUBSCRIBED", "PRESENCE", "SUBSCRIBED"]
+            # room:1 is not a presence channel: its members leave silently.
+            alice = await connect(dying.url(f"/ws?token={token['alice']}&channels=team:1,room:1"))
+            assert (await recv(alice))["type"] == "CONNECTION_ESTABLISHED"
+            message = await next_of(watcher, "PRESENCE_JOIN")
+            assert message["data"] == {"channel": "team:1", "userId": "alice"}
+            assert await nodes[1].broadcaster.presence("team:1") == {"watcher": 1, "alice": 1}
+            task = backends[0]._members_task
+            assert task is not None
+            task.cancel()  # node A stops refreshing: to Redis it is dead
+            started = time.monotonic()
+            left = await next_of(watcher, "PRESENCE_LEAVE", within=10)
+            assert left["data"] == {"channel": "team:1", "userId": "alice"}
+            assert left["channel"] == "team:1"
+            assert time.monotonic() - started < 0.9 + 2
+            await watcher.send(json.dumps({"type": "PING"}))
+            rest = await next_of(watcher, "PONG", seen=(seen := []))
+            assert rest["type"] == "PONG"
+            assert [m for m in seen if m["type"].startswith("PRESENCE")] == []
+            assert await nodes[1].broadcaster.channel_subscriber_count("room:1") == 1
+            assert await nodes[1].broadcaster.presence("team:1") == {"watcher": 1}
+            assert await nodes[1].broadcaster.channel_subscriber_count("team:1") == 1
+            await alice.close()
+
+
+async def next_of(ws: Any, kind: str, within: float = 5, seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The next message of `kind`; the ones before it go to `seen`."""
+    with anyio.fail_after(within):
+        while True:
+            message = await recv(ws, within=within)
+            if message["type"] == kind:
+                return message
+            if seen is not None:
+                seen.append(message)

@@ -12,13 +12,17 @@ Layout in Redis (`P` is `key_prefix`, `E` the current epoch):
   stream that expired whole is told apart from one that never had an event after a cursor.
 - `PE:clock` (sorted set): checkpoints `(time, seq)` that bound how far back those markers reach.
 - `Pnode:<node id>` (hash) and `Pnodes` (sorted set): presence, refreshed by each node.
+- `PE:c:<channel>` and `PE:lc:<channel>`: a channel's stream and marker, as for a user.
+  `Pretained:<channel>` (hash `e`, `s`, `t`, `h`): its retained event, with no TTL.
+- `Pmembers:<node id>`, `Pmember-nodes`, `Pcm:<channel>` and `Pcs`: channel members (see `_members`).
 
-Channels: `Pu:<user>`, `Pall` and `Pctl`. A message is
-`<epoch>|<seq>|<publish time in ms>|<user id length>|<user id><head>` (length -1 for the broadcast stream).
+Pub/sub channels: `Pu:<user>`, `Pc:<channel>`, `Pall` and `Pctl`. A message is
+`<epoch>|<seq>|<publish time in ms>|<user id length>|<user id><head>` (length -1 for the broadcast
+stream; for a channel's, `c<name length>|<channel name><head>`).
 
 Modules: `_backend` (the `RedisBackend` facade: publishing, history, commands), `_pubsub` (the one
-pub/sub connection, its catch-up and heartbeat), `_presence` (cluster-wide connection counts), and
-`_scripts` with the `.lua` files.
+pub/sub connection, its catch-up and heartbeat), `_presence` (cluster-wide connection counts),
+`_members` (cluster-wide channel members), and `_scripts` with the `.lua` files.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from ..._settings import redact_url
 from ...exceptions import BackendUnavailable, ConfigurationError
 from ..base import Backend, Control, Deliver, History, Record
 from ._batch import Coalescer
-from ._members import Members
+from ._members import Change, Members
 from ._presence import Presence
 from ._pubsub import PubSub
 from ._scripts import load
@@ -491,13 +491,14 @@ class RedisBackend(Backend):
     async def channel_subscriber_count(self, channel: str) -> int:
         return await self._members.subscriber_count(channel)
 
-    async def _members_changed(self, joined: list[tuple[str, str]], left: list[tuple[str, str]]) -> None:
+    async def _members_changed(self, joined: list[Change], left: list[Change]) -> None:
         """Announce to every node the users whose membership changed without a join or leave: the members
-        of a dead node, forgotten here (or of a node forgotten as dead that came back)."""
+        of a dead node, forgotten here (or of a node forgotten as dead that came back). `users` is the
+        channel's number of users after the change, for the `presence_max_members` rule."""
         messages = [
-            {"channel": channel, "user_id": user_id, "joined": was_joined}
-            for was_joined, pairs in ((True, joined), (False, left))
-            for channel, user_id in pairs
+            {"channel": channel, "user_id": user_id, "joined": was_joined, "users": users}
+            for was_joined, changes in ((True, joined), (False, left))
+            for channel, user_id, users in changes
         ]
         control = self._control
         if control is not None:

@@ -28,8 +28,10 @@ logger = logging.getLogger("starlette_pomo_ws")
 
 # Runs one Redis operation within a number of seconds, as BackendUnavailable when it fails.
 Command = Callable[[Callable[[], Awaitable[Any]], str, float], Awaitable[Any]]
-# Told, on this node, the (channel, user) pairs whose last connection left with a dead node.
-Left = Callable[[list[tuple[str, str]], list[tuple[str, str]]], Awaitable[None]]
+# (channel, user id, users in the channel after the change)
+Change = tuple[str, str, int]
+# Told, on this node, of the users that joined (a node forgotten as dead came back) and left (with a dead node).
+Changed = Callable[[list[Change], list[Change]], Awaitable[None]]
 
 _REAP_NODES = 16  # dead nodes forgotten per script call
 
@@ -45,7 +47,7 @@ class Members:
         ttl: float,
         command: Command,
         timeout: float,
-        changed: Left,
+        changed: Changed,
     ) -> None:
         self._client = client
         self._key_prefix = key_prefix
@@ -201,10 +203,11 @@ class Members:
             )
             self._dirty.discard(node_id)
         changes = reply[1]
-        joined: list[tuple[str, str]] = []
-        left: list[tuple[str, str]] = []
-        for i in range(0, len(changes), 3):
-            (joined if _text(changes[i + 2]) == "1" else left).append((_text(changes[i]), _text(changes[i + 1])))
+        joined: list[Change] = []
+        left: list[Change] = []
+        for i in range(0, len(changes), 4):
+            change = (_text(changes[i]), _text(changes[i + 1]), int(changes[i + 3]))
+            (joined if _text(changes[i + 2]) == "1" else left).append(change)
         if joined or left:
             await self._changed(joined, left)
 
@@ -215,7 +218,7 @@ class Members:
             flat = await self._command(
                 lambda: self._reap(keys=[self._nodes_key], args=args), "forget dead nodes' members", self._timeout
             )
-            left = [(_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)]
+            left = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
             if left:
                 await self._changed([], left)
             if nodes or not flat:

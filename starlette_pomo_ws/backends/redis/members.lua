@@ -7,7 +7,7 @@
 -- are removed, and the hash is marked complete with the field '#') else '0', the number of members, and that
 -- many (channel, user, connections) triples; then (channel, user) pairs to count.
 -- Returns {{connections of the user in the channel, users in the channel} per pair, {channel, user, '1'
--- joined / '0' left} per change that a whole view made to the cluster counts}.
+-- joined / '0' left, users in the channel} per change that a whole view made to the cluster counts}.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local prefix = ARGV[1]
@@ -25,10 +25,13 @@ local function set(key, field, channel, user, count, whole)
   if redis.call('HINCRBY', totals, channel, delta) <= 0 then redis.call('HDEL', totals, channel) end
   if whole then
     local before = after - delta
-    if before <= 0 and after > 0 then
-      changes[#changes + 1] = channel; changes[#changes + 1] = user; changes[#changes + 1] = '1'
-    elseif before > 0 and after <= 0 then
-      changes[#changes + 1] = channel; changes[#changes + 1] = user; changes[#changes + 1] = '0'
+    local joined = nil
+    if before <= 0 and after > 0 then joined = '1' elseif before > 0 and after <= 0 then joined = '0' end
+    if joined then
+      changes[#changes + 1] = channel
+      changes[#changes + 1] = user
+      changes[#changes + 1] = joined
+      changes[#changes + 1] = redis.call('HLEN', members)
     end
   end
 end

@@ -1,6 +1,7 @@
 -- Forget the members of nodes that stopped refreshing themselves (they died), or of the nodes named.
 -- KEYS[1]: the set of nodes with members. ARGV: prefix, the most nodes to forget, then node ids (none: the
--- expired ones). Returns {channel, user, ...} for each user whose last connection in a channel went that way.
+-- expired ones). Returns {channel, user, users left in the channel, ...} for each user whose last connection
+-- in a channel went that way.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local prefix = ARGV[1]
@@ -25,6 +26,7 @@ for _, node in ipairs(nodes) do
         redis.call('HDEL', members, user)
         left[#left + 1] = channel
         left[#left + 1] = user
+        left[#left + 1] = redis.call('HLEN', members)
       end
       if redis.call('HINCRBY', totals, channel, -count) <= 0 then redis.call('HDEL', totals, channel) end
     end
