@@ -1,6 +1,6 @@
 """Diagnosis: what 10 channel subscriptions per connection keep alive in the server, by source line.
 
-``python -m benchmarks.channel_memory [N] [--fresh]`` starts the package app with tracemalloc on
+``python -m benchmarks channel-memory [--n N] [--fresh]`` starts the package app with tracemalloc on
 (``BENCH_TRACEMALLOC=1``), connects N connections (default 1,000), lets each send one message
 first (a ``PRESENCE`` request answered ``ERROR``; ``--fresh`` skips it), takes a snapshot, subscribes
 each to 10 channels of ``run.channel_layout``, and prints what is still allocated per connection.
@@ -8,6 +8,7 @@ each to 10 channels of ``run.channel_layout``, and prints what is still allocate
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -56,6 +57,14 @@ async def request(port: int, action: str) -> bytes:
         await http.close()
 
 
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks channel-memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1000, help="connections (default 1,000)")
+    parser.add_argument("--fresh", action="store_true", help="no first message: count what it keeps too")
+    args = parser.parse_args(argv)
+    asyncio.run(main(args.n, args.fresh))
+    return 0
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    asyncio.run(main(int(args[0]) if args else 1000, "--fresh" in sys.argv))
+    sys.exit(cli(sys.argv[1:]))

@@ -741,7 +741,8 @@ async def subscribe(
     msgs = [
         {"cmd": "subscribe", "group": group or s.group, "kind": kind, "channels": mine, "timeout": 30} for mine in lists
     ]
-    replies = await call_all(s.gens[: len(lists)], msgs, 120)
+    longest = max(sum(len(c) for c in mine) for mine in lists)
+    replies = await call_all(s.gens[: len(lists)], msgs, 120 + longest * 0.01)
     problems = [r for r in replies if r["timed_out"] or r["errors"] != (r["sent"] if errors else 0)]
     if problems:
         r = problems[0]
