@@ -6,16 +6,21 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("run", "micro", "merge"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("run", "micro", "merge", "channel-memory"):
         print("usage: python -m benchmarks run [--smoke | --quick | --full] [--redis URL] [options]")
         print("       python -m benchmarks merge results/A.json results/B.json --name full")
         print("       python -m benchmarks micro [--n 1000] [--reps 30]   (send-path micro-benchmark)")
+        print("       python -m benchmarks channel-memory [--n 1000]   (what channel subscriptions keep, by line)")
         print("see `python -m benchmarks run --help` and docs/performance.md")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "micro":
         from benchmarks import micro_send
 
         return micro_send.main(argv[1:])
+    if argv[0] == "channel-memory":
+        from benchmarks import channel_memory
+
+        return channel_memory.cli(argv[1:])
     from benchmarks import run
 
     if argv[0] == "merge":

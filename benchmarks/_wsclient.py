@@ -18,6 +18,8 @@ from array import array
 
 # Benchmark events carry ``"data": {"seq": <int>, "t": <time_ns at publish>}``.
 _SEQ_T = re.compile(rb'"seq":\s*(\d+),\s*"t":\s*(\d+)')
+# Every other message's type (the package's envelope is compact JSON and starts with it).
+_TYPE = re.compile(rb'\{\s*"type":\s*"([^"]*)"')
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 _NO_MASK = b"\x00\x00\x00\x00"  # a zero mask key is valid and makes masking a no-op
 
@@ -25,7 +27,22 @@ _NO_MASK = b"\x00\x00\x00\x00"  # a zero mask key is valid and makes masking a n
 class Stats:
     """Counters shared by all connections of one load-generator process."""
 
-    __slots__ = ("done", "events", "last_recv_ns", "latencies", "other", "remaining", "unexpected_close")
+    __slots__ = (
+        "done",
+        "errors",
+        "events",
+        "last_recv_ns",
+        "latencies",
+        "other",
+        "remaining",
+        "type_bytes",
+        "types",
+        "unexpected_close",
+        "watch",
+        "watch_reached",
+        "watch_target",
+        "watched",
+    )
 
     def __init__(self) -> None:
         self.latencies = array("q")
@@ -35,12 +52,25 @@ class Stats:
         self.remaining = 0
         self.unexpected_close = 0
         self.done: asyncio.Event | None = None
+        # Messages without a benchmark seq, by type: how many, and their payload bytes.
+        self.types: dict[str, int] = {}
+        self.type_bytes: dict[str, int] = {}
+        self.errors: list[str] = []  # the first few ERROR payloads
+        self.watch: bytes | None = None  # count the messages that contain this
+        self.watched = 0
+        self.watch_target = 0  # `watch_reached` is set once `watched` reaches it
+        self.watch_reached: asyncio.Event | None = None
 
     def reset(self) -> None:
         self.latencies = array("q")
         self.last_recv_ns = 0
         self.events = 0
         self.other = 0
+
+    def reset_types(self) -> None:
+        self.types = {}
+        self.type_bytes = {}
+        self.watched = 0
 
 
 def handshake_request(host: str, port: int, path: str, deflate: bool) -> bytes:
@@ -78,6 +108,11 @@ class ClientConn(asyncio.Protocol):
         self.count = 0
         self.seqsum = 0
         self.expect = -1
+        # SUBSCRIBE/UNSUBSCRIBE round trips: answers (SUBSCRIBED, UNSUBSCRIBED or ERROR) counted
+        # until ``answers_wanted``, then ``answered`` resolves.
+        self.answers = 0
+        self.answers_wanted = 0
+        self.answered: asyncio.Future[None] | None = None
 
     # asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,7 +205,22 @@ class ClientConn(asyncio.Protocol):
                 self.established = True
                 if not self.opened.done():
                     self.opened.set_result(None)
-            self.stats.other += 1
+            stats = self.stats
+            stats.other += 1
+            head = _TYPE.match(payload)
+            kind = head[1].decode() if head else "?"
+            stats.types[kind] = stats.types.get(kind, 0) + 1
+            stats.type_bytes[kind] = stats.type_bytes.get(kind, 0) + len(payload)
+            if stats.watch is not None and stats.watch in payload:
+                stats.watched += 1
+                if stats.watch_reached is not None and stats.watched >= stats.watch_target:
+                    stats.watch_reached.set()
+            if kind in ("SUBSCRIBED", "UNSUBSCRIBED", "ERROR"):
+                if kind == "ERROR" and len(stats.errors) < 5:
+                    stats.errors.append(payload[:300].decode(errors="replace"))
+                self.answers += 1
+                if self.answered is not None and self.answers >= self.answers_wanted and not self.answered.done():
+                    self.answered.set_result(None)
             return
         self.count += 1
         self.seqsum += int(match[1])
@@ -181,6 +231,18 @@ class ClientConn(asyncio.Protocol):
             stats.remaining -= 1
             if stats.remaining == 0 and stats.done is not None:
                 stats.done.set()
+
+    def send_texts(self, texts: list[bytes]) -> None:
+        """Send text frames (masked with a zero key), in one write."""
+        assert self.transport is not None
+        frames = []
+        for text in texts:
+            n = len(text)
+            if n < 126:
+                frames.append(bytes((0x81, 0x80 | n)) + _NO_MASK + text)
+            else:
+                frames.append(bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big") + _NO_MASK + text)
+        self.transport.write(b"".join(frames))
 
     def close(self) -> None:
         """Start the closing handshake (1000)."""

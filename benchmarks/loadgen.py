@@ -9,6 +9,12 @@ each over stdin/stdout, one JSON object per line. Commands:
 * ``wait``: wait (bounded) until every connection got its expected events, then check counts and
   seq checksums and return the latencies;
 * ``close``: close every connection of a group, or its ``last`` few (bounded wait);
+* ``subscribe``: send each connection its SUBSCRIBE (or UNSUBSCRIBE) messages, pipelined, with a
+  bounded number of connections in flight, each done when every one is answered (``SUBSCRIBED``,
+  ``UNSUBSCRIBED`` or ``ERROR``);
+* ``counters``: the group's messages without a benchmark seq, by type (count and bytes), and how
+  many contained the ``watch`` string; optionally reset them or set a new ``watch``;
+* ``await_watched``: wait (bounded) until ``count`` messages contained the ``watch`` string;
 * ``exit``.
 """
 
@@ -27,9 +33,10 @@ from benchmarks._proc import HOST
 from benchmarks._wsclient import ClientConn, Stats, connect, handshake_request
 
 
-def mint(secret: str, user_id: str) -> str:
+def mint(secret: str, user_id: str, claims: dict[str, Any] | None = None) -> str:
     now = int(time.time())
-    return jwt.encode({"userId": user_id, "iat": now, "exp": now + 3600}, secret, algorithm="HS256")
+    payload = {"userId": user_id, "iat": now, "exp": now + 3600, **(claims or {})}
+    return jwt.encode(payload, secret, algorithm="HS256")
 
 
 class Group:
@@ -54,7 +61,10 @@ class LoadGen:
         group = self.group(msg)
         port, path, deflate, secret = msg["port"], msg["path"], msg["deflate"], msg["secret"]
         users: list[str] = msg["users"]
-        requests = [handshake_request(HOST, port, f"{path}?token={mint(secret, uid)}", deflate) for uid in users]
+        claims = msg.get("claims")
+        requests = [
+            handshake_request(HOST, port, f"{path}?token={mint(secret, uid, claims)}", deflate) for uid in users
+        ]
         sem = asyncio.Semaphore(msg.get("concurrency", 64))
         timeout = float(msg.get("timeout", 30))
         errors: list[str] = []
@@ -179,6 +189,74 @@ class LoadGen:
         await asyncio.sleep(0)
         return {"closed": len(conns), "aborted": aborted, "users": users}
 
+    async def cmd_subscribe(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Connection i of the group sends ``channels[i]`` (SUBSCRIBE, or ``kind`` UNSUBSCRIBE), all at once.
+
+        Returns when each connection has an answer per message (bounded), with the wall time.
+        """
+        group = self.group(msg)
+        kind = msg.get("kind", "SUBSCRIBE")
+        lists: list[list[str]] = msg["channels"]
+        first = int(msg.get("first", 0))  # the index of the group's connection that gets lists[0]
+        sem = asyncio.Semaphore(int(msg.get("concurrency", 64)))
+        timeout = float(msg.get("timeout", 30))
+        errors_before = group.stats.types.get("ERROR", 0)
+        failed = 0
+
+        async def one(conn: ClientConn, channels: list[str]) -> None:
+            nonlocal failed
+            async with sem:
+                conn.answered = self.loop.create_future()
+                conn.answers_wanted = conn.answers + len(channels)
+                conn.send_texts(
+                    [
+                        json.dumps({"type": kind, "data": {"channel": c}}, separators=(",", ":")).encode()
+                        for c in channels
+                    ]
+                )
+                try:
+                    await asyncio.wait_for(conn.answered, timeout)
+                except asyncio.TimeoutError:
+                    failed += 1
+                conn.answered = None
+
+        t0 = time.time_ns()
+        pairs = [(group.conns[first + i], c) for i, c in enumerate(lists) if c]
+        await asyncio.gather(*(one(conn, channels) for conn, channels in pairs))
+        t1 = time.time_ns()
+        return {
+            "sent": sum(len(c) for _, c in pairs),
+            "timed_out": failed,
+            "errors": group.stats.types.get("ERROR", 0) - errors_before,
+            "error_samples": group.stats.errors[:3],
+            "t0": t0,
+            "t1": t1,
+        }
+
+    def cmd_counters(self, msg: dict[str, Any]) -> dict[str, Any]:
+        stats = self.group(msg).stats
+        reply = {"types": dict(stats.types), "bytes": dict(stats.type_bytes), "watched": stats.watched}
+        if msg.get("reset"):
+            stats.reset_types()
+        if "watch" in msg:
+            stats.watch = msg["watch"].encode() if msg["watch"] else None
+        return reply
+
+    async def cmd_await_watched(self, msg: dict[str, Any]) -> dict[str, Any]:
+        stats = self.group(msg).stats
+        want = int(msg["count"])
+        stats.watch_target = want
+        stats.watch_reached = asyncio.Event()
+        if stats.watched >= want:
+            stats.watch_reached.set()
+        try:
+            await asyncio.wait_for(stats.watch_reached.wait(), float(msg.get("timeout", 30)))
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            stats.watch_reached = None
+        return {"watched": stats.watched, "complete": stats.watched >= want}
+
 
 async def main() -> None:
     loop = asyncio.get_running_loop()
@@ -201,6 +279,12 @@ async def main() -> None:
                 reply = await gen.cmd_wait(msg)
             elif cmd == "close":
                 reply = await gen.cmd_close(msg)
+            elif cmd == "subscribe":
+                reply = await gen.cmd_subscribe(msg)
+            elif cmd == "counters":
+                reply = gen.cmd_counters(msg)
+            elif cmd == "await_watched":
+                reply = await gen.cmd_await_watched(msg)
             elif cmd == "exit":
                 await gen.cmd_close({"timeout": 2, "all": True})
                 out.write(json.dumps({"bye": True}) + "\n")

@@ -21,8 +21,17 @@ SECRET = os.environ.get("BENCH_JWT_SECRET", "benchmark-secret-at-least-32-bytes-
 BACKEND_URL = os.environ.get("BENCH_BACKEND_URL", "memory://")
 
 METRICS = os.environ.get("BENCH_METRICS") == "1"  # the `pomo-metrics` variant of the benchmark
+# The channel phases: `presence:*` channels have presence, with JOIN/LEAVE up to this many members.
+PRESENCE_MAX = int(os.environ.get("BENCH_PRESENCE_MAX", "0"))
+CHANNELS = {"presence_channels": ("presence:*",), "presence_max_members": PRESENCE_MAX} if PRESENCE_MAX else {}
 
-pomo = PomoWS(Settings(jwt_secret=SECRET, backend_url=BACKEND_URL, metrics=METRICS))
+TRACEMALLOC = os.environ.get("BENCH_TRACEMALLOC") == "1"  # diagnosis of memory per connection
+if TRACEMALLOC:
+    import tracemalloc
+
+    tracemalloc.start()
+
+pomo = PomoWS(Settings(jwt_secret=SECRET, backend_url=BACKEND_URL, metrics=METRICS, **CHANNELS))
 
 
 async def bench_all(request: Request) -> JSONResponse:
@@ -34,11 +43,36 @@ async def bench_all(request: Request) -> JSONResponse:
     return JSONResponse({"sent": count})
 
 
+async def bench_channel(request: Request) -> JSONResponse:
+    channel = request.path_params["name"]
+    count = int(request.query_params.get("count", "1"))
+    seq = int(request.query_params.get("seq", "0"))
+    broadcaster = request.state.broadcaster
+    for i in range(count):
+        await broadcaster.broadcast_to_channel(channel, "BENCH", {"seq": seq + i, "t": time.time_ns()})
+    return JSONResponse({"sent": count})
+
+
 async def bench_user(request: Request) -> JSONResponse:
     user_id = request.path_params["uid"]
     seq = int(request.query_params.get("seq", "0"))
     await request.state.broadcaster.broadcast_to_user(user_id, "BENCH", {"seq": seq, "t": time.time_ns()})
     return JSONResponse({"sent": 1})
+
+
+async def bench_tracemalloc(request: Request) -> JSONResponse:
+    """Diagnosis only (``BENCH_TRACEMALLOC=1``): ``?action=start`` takes a snapshot, ``?action=diff`` lists
+    what was allocated since and is still alive, by source line."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    if request.query_params.get("action") == "start":
+        app.state.snapshot = tracemalloc.take_snapshot()
+        return JSONResponse({"started": True})
+    stats = tracemalloc.take_snapshot().compare_to(app.state.snapshot, "lineno")
+    top = [{"where": str(s.traceback), "bytes": s.size_diff, "count": s.count_diff} for s in stats[:25]]
+    return JSONResponse({"total": sum(s.size_diff for s in stats), "top": top})
 
 
 async def ready(request: Request) -> JSONResponse:
@@ -50,7 +84,9 @@ app = Starlette(
     routes=[
         Route("/bench/all", bench_all, methods=["POST"]),
         Route("/bench/user/{uid}", bench_user, methods=["POST"]),
+        Route("/bench/channel/{name}", bench_channel, methods=["POST"]),
         Route("/bench/ready", ready),
-    ],
+    ]
+    + ([Route("/bench/tracemalloc", bench_tracemalloc, methods=["POST"])] if TRACEMALLOC else []),
 )
 app.mount("/ws", pomo)

@@ -25,6 +25,12 @@ machine's drift between sessions (±30 % over minutes on a shared VM) cancels; t
 is the median over all rounds of all repetitions. Server CPU comes from the scheduler's
 nanosecond count (``/proc/<pid>/task/*/schedstat``).
 
+Then, per N, the *channel run* (issue 12, ``channels_run``; ``--no-channels`` skips it): one package
+server whose connections each SUBSCRIBE to 10 channels (subscribes/s, added RSS per connection) and
+to ``bench:all``, then paired rounds of ``broadcast_to_all`` and ``broadcast_to_channel`` bursts to
+the same connections (CPU per delivery and latency, channel ÷ all), and for the first N a presence
+phase: messages the server sends per join/leave of one presence channel of up to 1,000 members.
+
 Every expected delivery is counted (and seq checksums compared): one lost or extra message fails
 the run (exit status 1). Results go to ``benchmarks/results/<mode>.{json,md,png}``.
 """
@@ -95,6 +101,9 @@ class Mode:
     paired_handshakes: int = 1_000  # connections closed and reopened per handshake burst (at most N)
     paired_latency_events: int = 10  # paced broadcasts per latency burst (a third of it at N=10,000)
     server: str = "uvicorn"  # the ASGI server every app runs under (--server)
+    presence_members: int = 1_000  # members of the one presence channel (the channel run of the first N)
+    presence_cycles: int = 5  # probe join + leave per presence stage
+    channel_deliveries: int = 100_000  # per fan-out burst of the channel run
 
 
 MODES = {
@@ -110,6 +119,9 @@ MODES = {
         paired_rounds=2,
         paired_user_requests=200,
         paired_latency_events=5,
+        presence_members=20,
+        presence_cycles=2,
+        channel_deliveries=5_000,
     ),
     "quick": Mode("quick", [1000], 1, 100_000, 30, 2_000, 2, paired_rounds=6, paired_deliveries=100_000),
     "full": Mode(
@@ -231,10 +243,12 @@ class Session:
         self.result: dict[str, Any] = {"app": app, "config": config.key, "n": n}
         self.group = self.name = f"{app}-{config.backend}"
         self.seq = 0
+        self.claims: dict[str, Any] | None = None  # extra JWT claims for every connection (the channel runs)
+        self.extra_env: dict[str, str] = {}
 
     # -- process control -------------------------------------------------------------------------
     async def start_server(self) -> None:
-        env = {"BENCH_JWT_SECRET": SECRET}
+        env = {"BENCH_JWT_SECRET": SECRET, **self.extra_env}
         if self.app == "pomo-metrics":
             env["BENCH_METRICS"] = "1"
         if self.app in ("pomo", "pomo-metrics"):
@@ -287,6 +301,7 @@ class Session:
                 "deflate": self.config.deflate,
                 "secret": SECRET,
                 "users": mine,
+                "claims": self.claims,
                 "concurrency": HANDSHAKE_CONCURRENCY,
                 "timeout": 30,
                 "total_timeout": 60 + len(mine) * 0.1,
@@ -379,8 +394,10 @@ class Session:
             await self.stop()
         return self.result
 
-    async def trigger_all(self, broadcasts: int, batch: int = FANOUT_BATCH, window: int = FANOUT_WINDOW) -> None:
-        """POST /bench/all in batches, with ``window`` requests in flight."""
+    async def trigger_all(
+        self, broadcasts: int, batch: int = FANOUT_BATCH, window: int = FANOUT_WINDOW, target: str = "/bench/all"
+    ) -> None:
+        """POST /bench/all (or ``target``) in batches, with ``window`` requests in flight."""
         seqs = list(range(self.seq, self.seq + broadcasts, batch))
         end = self.seq + broadcasts
         self.seq = end
@@ -389,20 +406,20 @@ class Session:
             http = await _proc.Http(self.port).open()
             try:
                 for s in my:
-                    status, body = await http.request("POST", f"/bench/all?count={min(batch, end - s)}&seq={s}", 120)
+                    status, body = await http.request("POST", f"{target}?count={min(batch, end - s)}&seq={s}", 120)
                     if status != 200:
-                        raise SessionFailed(f"POST /bench/all: {status} {body[:200]!r}")
+                        raise SessionFailed(f"POST {target}: {status} {body[:200]!r}")
             finally:
                 await http.close()
 
         await asyncio.gather(*(worker(seqs[i::window]) for i in range(window)))
 
-    async def burst(self, broadcasts: int) -> float:
+    async def burst(self, broadcasts: int, target: str = "/bench/all") -> float:
         """One fan-out burst for the paired measurement: server CPU µs per delivery."""
         deliveries = broadcasts * self.config.n
         await self.expect({"kind": "all", "seq": self.seq, "count": broadcasts})
         cpu0 = self.server_cpu()
-        await self.trigger_all(broadcasts)
+        await self.trigger_all(broadcasts, target=target)
         await self.wait(deliveries, "paired fan-out", latencies=False)
         return (self.server_cpu() - cpu0) * 1e6 / deliveries
 
@@ -445,7 +462,7 @@ class Session:
         self.result["p50_ms"] = p50
         self.result["p99_ms"] = p99
 
-    async def burst_latency(self, events: int, interval: float) -> tuple[float, float]:
+    async def burst_latency(self, events: int, interval: float, target: str = "/bench/all") -> tuple[float, float]:
         """``events`` single broadcasts ``interval`` s apart: publish-to-receipt p50 and p99, in ms."""
         n = self.config.n
         await self.expect({"kind": "all", "seq": self.seq, "count": events})
@@ -456,9 +473,9 @@ class Session:
                 delay = start + i * interval - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                status, body = await http.request("POST", f"/bench/all?count=1&seq={self.seq + i}", 60)
+                status, body = await http.request("POST", f"{target}?count=1&seq={self.seq + i}", 60)
                 if status != 200:
-                    raise SessionFailed(f"POST /bench/all: {status} {body[:200]!r}")
+                    raise SessionFailed(f"POST {target}: {status} {body[:200]!r}")
         finally:
             await http.close()
         self.seq += events
@@ -596,6 +613,314 @@ async def paired_run(
             result["losses"] += s.result.get("losses", 0)
             await s.stop()
     return result
+
+
+# ------------------------------------------------------------------------------------------ channels
+CHANNEL_CLAIMS = {"channels": ["bench:*", "presence:*"]}  # the token's `channels` claim: the default path
+FAN_CHANNEL = "bench:all"
+CHANNELS_PER_CONN = 10
+MEMBERS_PER_CHANNEL = 100
+_STRIDES = (1, 3, 7, 9, 11, 13, 17, 19, 21, 23)  # coprime to 10^k: each is a permutation of the connections
+PRESENCE_CHANNEL = "presence:room"
+PROBE_CHANNEL = "bench:none"  # never subscribed: a PRESENCE request for it is answered ERROR forbidden
+CHANNEL_TARGETS = {"fanout_ratio": 1.05, "added_bytes_per_conn": 1024}
+
+
+def channel_layout(n: int, prefix: str = "bench:m") -> list[list[str]]:
+    """Connection g's 10 channels: 10 different partitions of the N connections into channels of 100.
+
+    Channel ``{prefix}{k}.{b}`` holds the connections whose position in permutation k (g -> g·a_k mod N)
+    falls in block b: N/10 channels of 100 members (1,000 at N=10,000), and two connections share at
+    most a few channels, as members of different teams, rooms and boards do.
+    """
+    blocks = max(1, n // MEMBERS_PER_CHANNEL)
+    strides = [a if math.gcd(a, n) == 1 else 1 for a in _STRIDES[:CHANNELS_PER_CONN]]
+    return [[f"{prefix}{k}.{(g * a) % n * blocks // n}" for k, a in enumerate(strides)] for g in range(n)]
+
+
+async def channels_run(n: int, mode: Mode, gens: list[LoadGen], rep: int, presence_members: int) -> dict[str, Any]:
+    """The channel figures of issue 12, on one package server (memory backend, deflate off).
+
+    1. N connections (users have 2) with a `channels` claim; RSS after 1 s idle;
+    2. each SUBSCRIBEs to 10 channels of ``channel_layout``, pipelined, 64 connections in flight:
+       subscribes/s, server CPU per subscribe, and after 1 s the added RSS per connection;
+    3. each SUBSCRIBEs to ``bench:all``; then paired rounds: one ``broadcast_to_all`` burst and one
+       ``broadcast_to_channel("bench:all")`` burst (rotating order) to the same N connections, then
+       paced single events of each: CPU per delivery and latency, as ratios channel ÷ all per round;
+    4. presence (when ``presence_members``): members join one presence channel in stages; at each
+       stage a probe connection joins and leaves, and every message the server sends is counted.
+    """
+    s = Session("pomo", Config(n, "memory", False), mode, gens, None)
+    s.group = s.name = "channels"
+    s.claims = CHANNEL_CLAIMS
+    s.extra_env = {"BENCH_PRESENCE_MAX": str(max(100, presence_members + 10))}
+    broadcasts = max(FANOUT_BATCH, math.ceil(mode.channel_deliveries / n / FANOUT_BATCH) * FANOUT_BATCH)
+    latency_events, interval = s.latency_plan(mode.paired_latency_events)
+    target = f"/bench/channel/{FAN_CHANNEL}"
+    result: dict[str, Any] = {"kind": "channels", "n": n, "rep": rep, "rounds": [], "losses": 0}
+    layout = channel_layout(n)
+    try:
+        await s.start_server()
+        # Warm-up on 20 connections: every code path once, so that first-use allocations are not
+        # counted as per-connection memory.
+        gen0 = gens[0]
+        group0, gens0 = s.group, s.gens
+        s.group, s.gens, s.nproc = "channels-warm", gens[:1], 1
+        await s.connect([list(range(20))], prefix="w")
+        await subscribe(s, [channel_layout(20, "bench:warm")[:20]], kind="SUBSCRIBE")
+        await subscribe(s, [[[FAN_CHANNEL]] * 20])
+        await s.expect({"kind": "all", "seq": s.seq, "count": 5})
+        await s.trigger_all(5, target=target)
+        await s.wait(100, "channel warm-up", latencies=False)
+        await s.close_all()
+        s.group, s.gens, s.nproc = group0, gens0, len(gens0)
+        await asyncio.sleep(0.3)
+
+        _, connected = await s.connect(s.slices)
+        if connected != n:
+            raise SessionFailed(f"{connected} of {n} connected")
+        await asyncio.sleep(1.0)
+        rss_fresh = s.server_rss()
+        # One client message each first (a PRESENCE request for a channel not held: ERROR forbidden), so
+        # that the memory any connection keeps once it has spoken is not counted as the channels' cost.
+        await subscribe(s, [[[PROBE_CHANNEL]] * len(sl) for sl in s.slices], kind="PRESENCE", errors=True)
+        await asyncio.sleep(1.0)
+        rss0 = s.server_rss()
+        cpu0 = s.server_cpu()
+        wall = await subscribe(s, [[layout[g] for g in sl] for sl in s.slices])
+        cpu1 = s.server_cpu()
+        subscribes = n * CHANNELS_PER_CONN
+        result["subscribes"] = subscribes
+        result["subscribes_per_s"] = subscribes / wall
+        result["subscribe_cpu_us"] = (cpu1 - cpu0) * 1e6 / subscribes
+        await asyncio.sleep(1.0)
+        rss1 = s.server_rss()
+        result["rss_fresh_mib"] = rss_fresh / 2**20
+        result["rss_unsubscribed_mib"] = rss0 / 2**20
+        result["rss_subscribed_mib"] = rss1 / 2**20
+        result["added_bytes_per_conn"] = (rss1 - rss0) / n
+        result["first_message_bytes_per_conn"] = (rss0 - rss_fresh) / n
+        result["channels"] = len({c for cs in layout for c in cs})
+        result["members_per_channel"] = n * CHANNELS_PER_CONN / result["channels"]
+
+        await subscribe(s, [[[FAN_CHANNEL]] * len(sl) for sl in s.slices])
+        kinds = [("all", "/bench/all"), ("channel", target)]
+        for r in range(mode.paired_rounds + 1):  # round 0 warms up
+            order = kinds if r % 2 else kinds[::-1]
+            row: dict[str, dict[str, float]] = {"fanout_us": {}, "p50_ms": {}, "p99_ms": {}}
+            for name, path in order:
+                row["fanout_us"][name] = await s.burst(broadcasts, path)
+            for name, path in order:
+                row["p50_ms"][name], row["p99_ms"][name] = await s.burst_latency(latency_events, interval, path)
+            if r:
+                result["rounds"].append(row)
+        result["burst"] = {"broadcasts": broadcasts, "latency_events": latency_events, "interval_ms": interval * 1e3}
+        if presence_members:
+            result["presence"] = await presence_phase(s, gen0, presence_members, mode)
+        result["ok"] = True
+    except Exception as exc:
+        result["ok"] = False
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["server_log"] = s.server_log_tail()
+    finally:
+        result["losses"] += s.result.get("losses", 0)
+        with contextlib.suppress(Exception):
+            await gens[0].call({"cmd": "close", "timeout": 10, "group": "presence"}, 30)
+            await gens[0].call({"cmd": "close", "timeout": 10, "group": "presence-probe"}, 30)
+        await s.stop()
+    return result
+
+
+async def subscribe(
+    s: Session, lists: list[list[list[str]]], kind: str = "SUBSCRIBE", group: str = "", errors: bool = False
+) -> float:
+    """Load generator i sends ``lists[i][j]`` from its connection j: the wall time until all are answered.
+
+    Every answer must be a success, or with ``errors`` an ERROR.
+    """
+    msgs = [
+        {"cmd": "subscribe", "group": group or s.group, "kind": kind, "channels": mine, "timeout": 30} for mine in lists
+    ]
+    longest = max(sum(len(c) for c in mine) for mine in lists)
+    replies = await call_all(s.gens[: len(lists)], msgs, 120 + longest * 0.01)
+    problems = [r for r in replies if r["timed_out"] or r["errors"] != (r["sent"] if errors else 0)]
+    if problems:
+        r = problems[0]
+        raise SessionFailed(f"{kind}: {r['timed_out']} unanswered, {r['errors']} errors, e.g. {r['error_samples']}")
+    return (max(r["t1"] for r in replies) - min(r["t0"] for r in replies)) / 1e9
+
+
+async def presence_phase(s: Session, gen: LoadGen, members: int, mode: Mode) -> dict[str, Any]:
+    """Members join one presence channel in stages; at each stage a probe joins and leaves ``cycles`` times.
+
+    Counts every message the server sends per change (to the members and to the probe) and its
+    CPU per change: O(members) when the counts grow linearly with the members.
+    """
+    cycles = mode.presence_cycles
+    members_group, probe_group = "presence", "presence-probe"
+    users = [f"p{i}" for i in range(members)]
+    for group, who in ((members_group, users), (probe_group, ["probe"])):
+        msg = {
+            "cmd": "connect",
+            "group": group,
+            "port": s.port,
+            "path": "/ws",
+            "deflate": False,
+            "secret": SECRET,
+            "users": who,
+            "claims": CHANNEL_CLAIMS,
+            "concurrency": HANDSHAKE_CONCURRENCY,
+            "timeout": 30,
+            "total_timeout": 60 + len(who) * 0.1,
+        }
+        reply = await gen.call(msg, 90 + len(who) * 0.1)
+        if reply["failed"]:
+            raise SessionFailed(f"presence: {reply['failed']} handshakes failed, e.g. {reply['errors']}")
+
+    async def send(group: str, kind: str, lists: list[list[str]], first: int = 0) -> None:
+        msg = {"cmd": "subscribe", "group": group, "kind": kind, "channels": lists, "first": first}
+        reply = await gen.call({**msg, "concurrency": 16, "timeout": 30}, 120)
+        if reply["timed_out"] or reply["errors"]:
+            raise SessionFailed(f"presence {kind}: {reply}")
+
+    watched = 0
+
+    async def cycle() -> None:
+        """The probe joins, every member hears it; the probe leaves, every member hears it."""
+        nonlocal watched
+        for kind in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            await send(probe_group, kind, [[PRESENCE_CHANNEL]])
+            watched += joined
+            reply = await gen.call({"cmd": "await_watched", "group": members_group, "count": watched}, 60)
+            if not reply["complete"]:
+                raise SessionFailed(f"presence: {reply['watched']} of {watched} members told of the probe")
+
+    stages = sorted({max(1, members // 10), max(1, members // 2), members})
+    joined = 0
+    out: dict[str, Any] = {"members": members, "cycles": cycles, "stages": []}
+    for stage in stages:
+        await send(members_group, "SUBSCRIBE", [[PRESENCE_CHANNEL]] * (stage - joined), first=joined)
+        joined = stage
+        await gen.call({"cmd": "counters", "group": members_group, "reset": True, "watch": '"userId":"probe"'}, 10)
+        watched = 0
+        await cycle()  # its messages come after the last join's: from here on, only the probe's changes count
+        for group in (members_group, probe_group):
+            await gen.call({"cmd": "counters", "group": group, "reset": True}, 10)
+        watched = 0
+        cpu0 = s.server_cpu()
+        for _ in range(cycles):
+            await cycle()
+        cpu_us = (s.server_cpu() - cpu0) * 1e6
+        told = await gen.call({"cmd": "counters", "group": members_group}, 10)
+        probe = await gen.call({"cmd": "counters", "group": probe_group}, 10)
+        changes = 2 * cycles
+        sent = sum(told["types"].values()) + sum(probe["types"].values())
+        out["stages"].append(
+            {
+                "members": stage,
+                "changes": changes,
+                "messages_per_change": sent / changes,
+                "to_members_per_change": sum(told["types"].values()) / changes,
+                "bytes_per_change": (sum(told["bytes"].values()) + sum(probe["bytes"].values())) / changes,
+                "presence_snapshot_bytes": probe["bytes"].get("PRESENCE", 0) / cycles,
+                "cpu_us_per_change": cpu_us / changes,
+                "member_types": told["types"],
+                "probe_types": probe["types"],
+            }
+        )
+    return out
+
+
+def summarize_channels(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per N: medians over every round of every repetition (ratios: channel ÷ all within a round)."""
+    out: dict[str, Any] = {}
+    for run in runs:
+        if not run.get("ok"):
+            continue
+        entry = out.setdefault(f"N={run['n']}", {"n": run["n"], "rounds": [], "runs": []})
+        entry["rounds"] += run["rounds"]
+        entry["runs"].append(run)
+    for entry in out.values():
+        rounds, runs = entry.pop("rounds"), entry.pop("runs")
+        entry["rounds"] = len(rounds)
+        for key in ("fanout_us", "p50_ms", "p99_ms"):
+            entry[key] = {
+                "all": statistics.median(r[key]["all"] for r in rounds),
+                "channel": statistics.median(r[key]["channel"] for r in rounds),
+                "ratio": statistics.median(r[key]["channel"] / r[key]["all"] for r in rounds),
+                "range": (
+                    min(r[key]["channel"] / r[key]["all"] for r in rounds),
+                    max(r[key]["channel"] / r[key]["all"] for r in rounds),
+                ),
+            }
+        for key in ("subscribes_per_s", "subscribe_cpu_us", "added_bytes_per_conn", "first_message_bytes_per_conn"):
+            entry[key] = statistics.median(r[key] for r in runs)
+        entry["channels"] = runs[0]["channels"]
+        entry["members_per_channel"] = runs[0]["members_per_channel"]
+        presence = [r["presence"] for r in runs if r.get("presence")]
+        if presence:
+            entry["presence"] = presence[0]
+    return out
+
+
+def channels_markdown(csum: dict[str, Any]) -> list[str]:
+    if not csum:
+        return []
+    lines = [
+        "## Channels (issue 12)",
+        "",
+        "One package server (memory backend) with N connections that each subscribed to 10 channels "
+        f"(N/10 channels of {MEMBERS_PER_CHANNEL} members; `channel_layout` in `benchmarks/run.py`) and to "
+        f'`{FAN_CHANNEL}`. Each round runs a `broadcast_to_all` burst and a `broadcast_to_channel("{FAN_CHANNEL}")` '
+        "burst to the same N connections, then paced single events of each; ratios are channel ÷ all per round, "
+        "medians over rounds. *Added memory* is the RSS added by the 10 subscriptions per connection (after 1 s "
+        "idle), divided by N, over connections that have each sent one message already (a `PRESENCE` request "
+        "answered `ERROR`); *first message* is what that one message added over fresh connections (the server "
+        "keeps the last message a connection received until its next one).",
+        "",
+        "| N | rounds | fan-out CPU, all | channel | **ratio** | (min-max) | target | p50 all / channel | "
+        "p99 all / channel | subscribes/s | CPU/subscribe | added memory/conn | target | first message |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for e in csum.values():
+        f = e["fanout_us"]
+        ok = f["ratio"] <= CHANNEL_TARGETS["fanout_ratio"]
+        mem = e["added_bytes_per_conn"]
+        mem_ok = mem <= CHANNEL_TARGETS["added_bytes_per_conn"]
+        lines.append(
+            f"| {e['n']:,} | {e['rounds']} | {f['all']:.2f} µs | {f['channel']:.2f} µs | **{f['ratio']:.3f}** | "
+            f"{f['range'][0]:.2f}-{f['range'][1]:.2f} | ≤ {CHANNEL_TARGETS['fanout_ratio']} {'✅' if ok else '❌'} | "
+            f"{e['p50_ms']['all']:.2f} / {e['p50_ms']['channel']:.2f} ms | "
+            f"{e['p99_ms']['all']:.2f} / {e['p99_ms']['channel']:.2f} ms | {e['subscribes_per_s']:,.0f} | "
+            f"{e['subscribe_cpu_us']:.0f} µs | **{mem:,.0f} B** | ≤ 1 KiB {'✅' if mem_ok else '❌'} | "
+            f"{e['first_message_bytes_per_conn']:,.0f} B |"
+        )
+    lines.append("")
+    for e in csum.values():
+        pres = e.get("presence")
+        if not pres:
+            continue
+        lines += [
+            f"### Presence: one presence channel, up to {pres['members']:,} members (with the N={e['n']:,} run)",
+            "",
+            f"At each stage a probe connection joins and leaves the channel {pres['cycles']} times; every message the "
+            "server sends per change is counted (to the members: `PRESENCE_JOIN`/`PRESENCE_LEAVE`; to the probe: "
+            "`SUBSCRIBED` + one `PRESENCE` list, or `UNSUBSCRIBED`).",
+            "",
+            "| members | messages per change | ÷ members | to the members | bytes per change | PRESENCE list | "
+            "CPU per change | CPU per member told |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for st in pres["stages"]:
+            lines.append(
+                f"| {st['members']:,} | {st['messages_per_change']:,.1f} | "
+                f"{st['messages_per_change'] / st['members']:.3f} | "
+                f"{st['to_members_per_change']:,.1f} | {st['bytes_per_change']:,.0f} | "
+                f"{st['presence_snapshot_bytes']:,.0f} B | {st['cpu_us_per_change']:,.0f} µs | "
+                f"{st['cpu_us_per_change'] / st['members']:.1f} µs |"
+            )
+        lines.append("")
+    return lines
 
 
 def summarize_paired(paired: list[dict[str, Any]]) -> dict[str, Any]:
@@ -802,6 +1127,7 @@ def markdown(
     meta: dict[str, Any],
     sessions: list[dict[str, Any]],
     paired: list[dict[str, Any]] | None = None,
+    channels: list[dict[str, Any]] | None = None,
 ) -> str:
     lines = [
         f"# Benchmark results: {meta['mode']}",
@@ -816,16 +1142,19 @@ def markdown(
         "",
     ]
     paired = paired or []
+    channels = channels or []
     failed = [s for s in sessions if not s.get("ok")]
-    losses = sum(s.get("losses", 0) for s in sessions) + sum(p.get("losses", 0) for p in paired)
+    losses = sum(s.get("losses", 0) for s in sessions + paired + channels)
+    runs = f"{len(sessions)} sessions, {len(paired)} paired runs and {len(channels)} channel runs"
     lines.append(
-        f"**Losses: {losses}** in {len(sessions)} sessions and {len(paired)} paired runs; "
-        f"failed: {len(failed) + sum(1 for p in paired if not p.get('ok'))}."
+        f"**Losses: {losses}** in {runs}; failed: {sum(1 for s in sessions + paired + channels if not s.get('ok'))}."
     )
     lines.append("")
     psum = summarize_paired(paired)
     if psum:
         lines += paired_markdown(psum)
+    lines += channels_markdown(summarize_channels(channels))
+    if psum:
         lines.append("## Every figure, session by session")
         lines.append("")
         lines.append(
@@ -880,6 +1209,10 @@ def markdown(
     for p in paired:
         if not p.get("ok"):
             lines.append(f"- paired N={p['n']} deflate={p['deflate']} rep {p['rep']}: {p.get('error')}")
+            lines.append("")
+    for c in channels:
+        if not c.get("ok"):
+            lines.append(f"- channels N={c['n']} rep {c['rep']}: {c.get('error')}")
             lines.append("")
     lines.append(
         "Server CPU is the uvicorn process's run time (user + system, `/proc/<pid>/task/*/schedstat`) "
@@ -982,15 +1315,26 @@ def write_outputs(
     stem: str,
     chart_too: bool,
     paired: list[dict[str, Any]] | None = None,
+    channels: list[dict[str, Any]] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     paired = [{k: v for k, v in p.items() if k != "server_log"} for p in paired or []]
+    channels = [{k: v for k, v in c.items() if k != "server_log"} for c in channels or []]
     summary = summarize(sessions, configs_of(sessions))
     psum = summarize_paired(paired)
+    csum = summarize_channels(channels)
     out.mkdir(parents=True, exist_ok=True)
     clean = [{k: v for k, v in s.items() if k != "server_log"} for s in sessions]
-    data = {"meta": meta, "summary": summary, "paired_summary": psum, "sessions": clean, "paired": paired}
+    data = {
+        "meta": meta,
+        "summary": summary,
+        "paired_summary": psum,
+        "channels_summary": csum,
+        "sessions": clean,
+        "paired": paired,
+        "channels": channels,
+    }
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
-    md = markdown(summary, meta, clean, paired)
+    md = markdown(summary, meta, clean, paired, channels)
     (out / f"{stem}.md").write_text(md)
     apps = {s["app"] for s in sessions}
     if chart_too and {"baseline", "pomo"} <= apps:
@@ -1011,22 +1355,24 @@ def merge(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     sessions: list[dict[str, Any]] = []
     paired: list[dict[str, Any]] = []
+    channels: list[dict[str, Any]] = []
     metas = []
     for index, path in enumerate(args.files):
         data = json.loads(path.read_text())
         metas.append(data["meta"])
         # Ratios pair sessions of the same repetition of the same run: keep the runs' repetitions apart.
-        for s in data["sessions"] + data.get("paired", []):
+        for s in data["sessions"] + data.get("paired", []) + data.get("channels", []):
             s["rep"] += 1000 * index
         sessions += data["sessions"]
         paired += data.get("paired", [])
+        channels += data.get("channels", [])
     meta = dict(metas[0])
     meta["mode"] = args.name
     meta["reps"] = "/".join(str(m["reps"]) for m in metas)
     meta["loadgens"] = max(m["loadgens"] for m in metas)
     meta["command"] = " + ".join(f"`{m['command']}`" for m in metas).strip("`")
     meta["started"] = ", ".join(sorted({m["started"] for m in metas}))
-    md, _ = write_outputs(meta, sessions, args.out, args.name, chart_too=True, paired=paired)
+    md, _ = write_outputs(meta, sessions, args.out, args.name, chart_too=True, paired=paired, channels=channels)
     print(md)
     return 0
 
@@ -1060,7 +1406,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="add the floor app (the thinnest mounted loop) to the paired rounds (default: on, off in smoke)",
     )
-    parser.add_argument("--no-sessions", action="store_true", help="only the paired rounds")
+    parser.add_argument("--no-sessions", action="store_true", help="only the paired rounds (and the channel runs)")
+    parser.add_argument(
+        "--presence-members", type=int, help="members of the presence phase (overrides the mode; 0: no presence)"
+    )
+    parser.add_argument(
+        "--channels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the channel run per N (issue 12): channel ÷ all fan-out, subscribe memory and rate, presence",
+    )
     parser.add_argument(
         "--check-targets", action="store_true", help="exit with status 2 when a target of issue 5 is missed"
     )
@@ -1079,6 +1434,8 @@ def server_label(meta: dict[str, Any]) -> str:
 
 async def amain(args: argparse.Namespace) -> int:
     mode = dataclasses.replace(MODES[args.mode], server=args.server)
+    if args.presence_members is not None:
+        mode = dataclasses.replace(mode, presence_members=args.presence_members)
     sizes = [int(x) for x in args.n.split(",")] if args.n else mode.sizes
     reps = args.reps or mode.reps
     deflates = {"off": [False], "on": [True], "both": [False, True]}[args.deflate] if args.deflate else mode.deflate
@@ -1108,6 +1465,7 @@ async def amain(args: argparse.Namespace) -> int:
     gens = [LoadGen(i) for i in range(meta["loadgens"])]
     sessions: list[dict[str, Any]] = []
     paired: list[dict[str, Any]] = []
+    channels: list[dict[str, Any]] = []
     try:
         for g in gens:
             await g.start()
@@ -1138,7 +1496,9 @@ async def amain(args: argparse.Namespace) -> int:
                             if result.get("server_log"):
                                 print(result["server_log"], file=sys.stderr)
                         # Written after every session, so that an interrupted run keeps what it measured.
-                        write_outputs(meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired)
+                        write_outputs(
+                            meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired, channels=channels
+                        )
                     if "pomo" in apps and "baseline" in apps and not args.no_paired:
                         t0 = time.monotonic()
                         print(f"[rep {rep + 1}/{reps}] paired   N={n} deflate={deflate} ...", end=" ", flush=True)
@@ -1159,15 +1519,39 @@ async def amain(args: argparse.Namespace) -> int:
                         else:
                             print(f"FAILED: {p['error']}", flush=True)
                             print(p.get("server_log", ""), file=sys.stderr)
-                        write_outputs(meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired)
+                        write_outputs(
+                            meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired, channels=channels
+                        )
+                if "pomo" in apps and args.channels:
+                    t0 = time.monotonic()
+                    print(f"[rep {rep + 1}/{reps}] channels N={n} ...", end=" ", flush=True)
+                    members = mode.presence_members if rep == 0 and n == sizes[0] else 0
+                    c = await channels_run(n, mode, gens, rep, members)
+                    channels.append(c)
+                    if c["ok"]:
+                        ratios = [r["fanout_us"]["channel"] / r["fanout_us"]["all"] for r in c["rounds"]]
+                        print(
+                            f"channel ÷ all fan-out per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+                            f"{c['subscribes_per_s']:,.0f} subscribes/s; "
+                            f"{c['added_bytes_per_conn']:,.0f} B/conn for 10 channels ({time.monotonic() - t0:.0f} s)",
+                            flush=True,
+                        )
+                    else:
+                        print(f"FAILED: {c['error']}", flush=True)
+                        print(c.get("server_log", ""), file=sys.stderr)
+                    write_outputs(
+                        meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired, channels=channels
+                    )
     finally:
         for g in gens:
             await g.stop()
-    md, summary = write_outputs(meta, sessions, args.out, meta["mode"], chart_too=not args.no_chart, paired=paired)
+    md, summary = write_outputs(
+        meta, sessions, args.out, meta["mode"], chart_too=not args.no_chart, paired=paired, channels=channels
+    )
     print()
     print(md)
-    failed = [s for s in sessions + paired if not s.get("ok")]
-    if failed or any(s.get("losses") for s in sessions + paired):
+    failed = [s for s in sessions + paired + channels if not s.get("ok")]
+    if failed or any(s.get("losses") for s in sessions + paired + channels):
         return 1
     if args.check_targets:
         for entry in summary.values():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = [sys.executable, "-m", "benchmarks", "run"]
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the benchmark reads /proc and pins cores with taskset"
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 def smoke(app: str, out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks", "run", "--smoke", "--apps", app, "--out", str(out), "--no-chart"],
+        [*BENCH, "--smoke", "--apps", app, "--no-channels", "--out", str(out), "--no-chart"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -75,6 +76,7 @@ def test_smoke_paired_rounds_measure_every_figure_for_every_server(tmp_path: Pat
             "--smoke",
             "--no-sessions",
             "--floor",
+            "--no-channels",
             "--out",
             str(tmp_path),
             "--no-chart",
@@ -100,3 +102,38 @@ def test_smoke_paired_rounds_measure_every_figure_for_every_server(tmp_path: Pat
         assert figures[key]["pomo-memory/baseline"] > 0
         assert figures[key]["floor-memory/baseline"] > 0
     assert "### N=100 deflate=off (2 rounds)" in (tmp_path / "smoke.md").read_text()
+
+
+def test_smoke_channel_run_measures_fanout_memory_subscribes_and_presence(tmp_path: Path) -> None:
+    """The channel run: channel and all fan-out to the same connections, nothing lost; presence is O(members)."""
+    proc = subprocess.run(
+        [*BENCH, "--smoke", "--apps", "pomo", "--no-sessions", "--out", str(tmp_path), "--no-chart"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    [run] = result["channels"]
+    assert run["ok"], run.get("error")
+    assert run["losses"] == 0
+    assert len(run["rounds"]) == 2
+    assert run["subscribes"] == 100 * 10
+    summary = result["channels_summary"]["N=100"]
+    for key in ("fanout_us", "p50_ms", "p99_ms"):
+        assert summary[key]["all"] > 0 and summary[key]["channel"] > 0 and summary[key]["ratio"] > 0, key
+    assert summary["subscribes_per_s"] > 0
+    assert summary["channels"] == 10 and summary["members_per_channel"] == 100
+    stages = summary["presence"]["stages"]
+    assert [stage["members"] for stage in stages] == [2, 10, 20]
+    for stage in stages:
+        # Each change tells every member once, and the probe gets its own answer: members + 1.5 on average.
+        assert stage["to_members_per_change"] == stage["members"]
+        assert stage["messages_per_change"] == stage["members"] + 1.5
+        assert stage["member_types"] == {
+            "PRESENCE_JOIN": stage["changes"] // 2 * stage["members"],
+            "PRESENCE_LEAVE": stage["changes"] // 2 * stage["members"],
+        }
+    assert "## Channels (issue 12)" in (tmp_path / "smoke.md").read_text()
