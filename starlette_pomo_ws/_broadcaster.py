@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import heapq
@@ -318,15 +319,19 @@ class Broadcaster:
         await self.backend.send_control("unsubscribe_user", arguments)
 
     async def channel_subscriber_count(self, channel: str) -> int:
-        """Connections subscribed to `channel`, on every node."""
+        """Connections subscribed to `channel`, on every node (this process's, on the memory backend)."""
         self._check_running()
         _check_channel(channel)
+        if not self._shared:
+            return len(self.registry.of_channel(channel))
         return await self.backend.channel_subscriber_count(channel)
 
     async def presence(self, channel: str) -> dict[str, int]:
         """Who is in `channel`, on every node: user id to connection count."""
         self._check_running()
         _check_channel(channel)
+        if not self._shared and not self.channels.is_presence(channel):
+            return dict(collections.Counter(connection.user_id for connection in self.registry.of_channel(channel)))
         return await self.backend.channel_members(channel)
 
     def _resync(self, arguments: Mapping[str, Any]) -> None:

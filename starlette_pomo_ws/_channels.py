@@ -141,8 +141,15 @@ class Channels:
             return "forbidden"
         return None
 
+    def counted(self, channel: str) -> bool:
+        """Whether the backend counts the channel's members: on a shared backend every channel (the counts
+        are cluster-wide), otherwise only presence channels (the registry counts the others)."""
+        return self._broadcaster.shared or self.is_presence(channel)
+
     async def count_in(self, connection: Connection, channel: str) -> tuple[int, int]:
         """Step 2: count the connection in the channel's membership."""
+        if not self.counted(channel):
+            return 0, 0
         broadcaster = self._broadcaster
         return await broadcaster.backend.join_channel(broadcaster.node_id, channel, connection.user_id)
 
@@ -361,6 +368,8 @@ class Channels:
             self.leave(connection, channel, None, notify=False)
 
     async def _uncount(self, user_id: str, channel: str) -> None:
+        if not self.counted(channel):
+            return
         broadcaster = self._broadcaster
         connections, users = await broadcaster.backend.leave_channel(broadcaster.node_id, channel, user_id)
         if connections or not self.is_presence(channel):
