@@ -374,3 +374,32 @@ async def test_channel_keys_follow_the_layout(redis_factory: Factory, redis_url:
     } <= set(keys)
     history = await backend.history("x", Position(epoch, 0))
     assert [r.head for r in history.records] == [head(2)]
+
+
+async def test_catch_up_covers_many_users_and_channels(
+    redis_factory: Factory, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Users and channels share the catch-up's batches of 200 streams (451 here, so three script calls): the
+    events of every batch are fetched, in order."""
+    publisher, _ = await redis_factory()
+    subscriber, recorder = await redis_factory()
+    users = [f"user-{n}" for n in range(150)]
+    channels = [f"room:{n}" for n in range(300)]
+    await asyncio.gather(*(subscriber.subscribe(user) for user in users))
+    await asyncio.gather(*(subscriber.subscribe_channel(channel) for channel in channels))
+    gate = gate_reconnects(subscriber, monkeypatch)
+    assert await kill_clients(redis_url, subscriber._pubsub.name) == 1
+    await eventually(lambda: not subscriber.connected)
+    await subscriber.subscribe_channel("late")  # while disconnected: returns at once, caught up later
+    missed = [
+        await publisher.publish_to_channel("room:0", head(1), False),
+        await publisher.publish("user-149", head(2)),
+        await publisher.publish_to_channel("room:120", head(3), False),
+        await publisher.publish_to_channel("room:299", head(4), False),
+        await publisher.publish_to_channel("late", head(5), False),
+        await publisher.publish_to_channel("room:300", head(6), False),  # not held
+    ]
+    gate.set()
+    await recorder.wait(lambda: missed[4] in recorder.records, 10)
+    assert recorder.records == missed[:5]
+    assert recorder.controls == []
