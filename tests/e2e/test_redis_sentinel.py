@@ -119,7 +119,8 @@ async def replica_in_sync(replica: RedisServer, limit: float = 10) -> None:
 
 
 class Reader:
-    """A client that reads everything, and on a close resumes from the last id it has, as the reference client does."""
+    """A client that reads everything (its user's events, the broadcasts and the channel `team:1`), and on a
+    close resumes from the last id it has, with its channel, as the reference client does."""
 
     def __init__(self, url: Callable[[str], str], user: str) -> None:
         self.url = url
@@ -134,7 +135,7 @@ class Reader:
 
     async def run(self) -> None:
         while True:
-            query = f"token={make_token(self.user)}"
+            query = f"token={make_token(self.user, channels=['team:*'])}&channels=team:1"
             if self.last_id is not None:
                 query += f"&last_event_id={self.last_id}"
             try:
@@ -151,7 +152,8 @@ class Reader:
                         elif event["type"] == "TASK_UPDATED":
                             self.numbers.append(event["data"]["n"])
                             self.seen.set()
-                        if "id" in event and event["type"] != "HEARTBEAT":
+                        # A SUBSCRIBED id is informational, never a cursor.
+                        if "id" in event and event["type"] not in ("HEARTBEAT", "SUBSCRIBED"):
                             self.last_id = event["id"]
             except ConnectionClosed as closed:
                 assert closed.rcvd is not None and closed.rcvd.code == 1012, f"closed with {closed.rcvd}"
@@ -182,7 +184,7 @@ async def test_a_failover_keeps_sockets_and_every_acknowledged_event_or_resyncs(
     pomo = PomoWS(make_settings(cursor_secret="shared-by-every-node-0123456789abcdef"), backend=backend)
     async with run_server(make_app(pomo)) as server, httpx.AsyncClient(base_url=server.http) as http:
         readers = {user: Reader(server.url, user) for user in ("u1", "u2")}
-        returned: dict[str | None, list[int]] = {"u1": [], "u2": [], None: []}
+        returned: dict[str | None, list[int]] = {"u1": [], "u2": [], None: [], "team:1": []}
         attempted: set[int] = set()
         failures: list[float] = []
         errors: list[str] = []
@@ -194,13 +196,15 @@ async def test_a_failover_keeps_sockets_and_every_acknowledged_event_or_resyncs(
             n = 0
             while not stop.is_set():
                 n += 1
-                target = ("u1", "u2", None)[n % 3]
+                target = ("u1", "u2", None, "team:1")[n % 4]
                 attempted.add(n)
                 started = time.monotonic()
                 try:
                     with anyio.fail_after(timeout + 2):
                         if target is None:
                             await pomo.broadcaster.broadcast_to_all("TASK_UPDATED", {"n": n})
+                        elif target == "team:1":
+                            await pomo.broadcaster.broadcast_to_channel(target, "TASK_UPDATED", {"n": n})
                         else:
                             await pomo.broadcaster.broadcast_to_user(target, "TASK_UPDATED", {"n": n})
                     returned[target].append(n)
@@ -258,7 +262,7 @@ async def test_a_failover_keeps_sockets_and_every_acknowledged_event_or_resyncs(
         # A resync is in band: the socket stays up through the failover either way.
         assert reader.reconnects == 0, f"{user}'s socket was closed during the failover"
         got = [n for n in reader.numbers if n != -1]
-        mine = returned[user] + returned[None]
+        mine = returned[user] + returned[None] + returned["team:1"]
         assert len(got) == len(set(got)), f"{user} got an event twice"
         assert set(got) <= attempted
         missing = set(mine) - set(got)
