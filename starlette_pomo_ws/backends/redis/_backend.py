@@ -216,6 +216,7 @@ class RedisBackend(Backend):
             return
         self._control = control
         await self._pubsub.start(deliver, control, instance=self._instance)
+        self._presence.running = self._members.running = True
         self._presence_task = asyncio.create_task(self._presence.refresh_forever(), name="pomo-ws redis presence")
         self._members_task = asyncio.create_task(self._members.refresh_forever(), name="pomo-ws redis members")
 
@@ -224,10 +225,13 @@ class RedisBackend(Backend):
         self._control = None
         tasks = {task for task in (self._presence_task, self._members_task) if task is not None}
         self._presence_task = self._members_task = None
+        self._presence.running = self._members.running = False
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)  # unlike awaiting them, this lets a cancellation of stop() through
+            # Unlike awaiting them, this lets a cancellation of stop() through; and it is bounded, so a
+            # refresh whose cancellation was lost cannot hold stop() up (its loop ends by itself).
+            await asyncio.wait(tasks, timeout=self._op_timeout)
         await self._pubsub.stop()
         await self._publishes.close()
         await self._positions.close()

@@ -61,6 +61,9 @@ class Members:
         self._nodes_key = f"{key_prefix}member-nodes"
         self.local: dict[str, dict[tuple[str, str], int]] = {}  # node id -> (channel, user) -> connections
         self._lock = asyncio.Lock()
+        # Cleared by the backend's stop: the refresh loop ends even if a cancellation is lost on the way
+        # (Python 3.11's wait_for drops one that arrives as the awaited call completes).
+        self.running = False
         self._dirty: set[str] = set()
         # (node id, channel, user id, +1 join / -1 leave / 0 count only) -> (user's connections, users)
         self._batches: Coalescer[tuple[str, str, str, int], tuple[int, int]] = Coalescer(
@@ -166,7 +169,7 @@ class Members:
         Every third of the TTL, and at least every second, so a dead node's members leave within
         about the TTL.
         """
-        while True:
+        while self.running:
             await asyncio.sleep(min(self._ttl / 3, 1.0))
             try:
                 await self.refresh()

@@ -48,6 +48,9 @@ class Presence:
         self._nodes_key = f"{key_prefix}nodes"
         self.local: dict[str, dict[str, set[str]]] = {}  # node id -> user id -> connection ids
         self._lock = asyncio.Lock()
+        # Cleared by the backend's stop: the refresh loop ends even if a cancellation is lost on the way
+        # (Python 3.11's wait_for drops one that arrives as the awaited call completes).
+        self.running = False
         self._dirty: set[str] = set()
         self._timeout = timeout
         # (node id, user id, +1 for a new connection or -1 for a closed one) -> the user's cluster count, or 0
@@ -145,7 +148,7 @@ class Presence:
 
     async def refresh_forever(self) -> None:
         """Every third of the TTL, extend this process's nodes, and rewrite any hash that was lost."""
-        while True:
+        while self.running:
             await asyncio.sleep(self._ttl / 3)
             for node_id in list(self.local):
                 try:
