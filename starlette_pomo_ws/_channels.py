@@ -433,7 +433,7 @@ class Channels:
             text = _channel_text(EventType.PRESENCE, channel, snapshot)
         else:
             who = arguments.get("user_id")
-            if not isinstance(who, str) or not self.is_presence(channel):
+            if not isinstance(who, str):
                 return
             joined = bool(arguments.get("joined"))
             users = arguments.get("users")
