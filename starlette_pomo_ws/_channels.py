@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +95,7 @@ class Channels:
         self._limit = settings.max_channels_per_connection
         # Channel -> the connections whose subscribe is being read, each with the live events held for it.
         self.joining: dict[str, dict[Connection, _Held]] = {}
+        self._names: dict[str, str] = {}  # the channels held or being joined here, each name once
         backend = broadcaster.backend
         self.streams = Subscriptions(backend.subscribe_channel, backend.unsubscribe_channel, broadcaster.spawn)
 
@@ -176,7 +176,7 @@ class Channels:
             return
         if connection.released():
             return
-        channel: str = sys.intern(name)
+        channel = self._name(name)
         connection.joining += 1
         try:
             counts = await self.count_in(connection, channel)
@@ -270,13 +270,19 @@ class Channels:
             _ = broadcaster.spawn(self._uncount(connection.user_id, channel))
         self._release_stream(channel)
 
+    def _name(self, name: str) -> str:
+        """One string per channel for every connection that holds it (not `sys.intern`: since Python 3.12
+        interned strings live forever, and channel names come and go)."""
+        return self._names.setdefault(name, name)
+
     def _release_stream(self, channel: str) -> None:
+        """The channel may have no reader left here: forget its name, and unsubscribe the node."""
         broadcaster = self._broadcaster
-        if not broadcaster.shared or not broadcaster.running:
-            return
         if broadcaster.registry.of_channel(channel) or self.joining.get(channel):
             return
-        self.streams.release(channel)
+        self._names.pop(channel, None)
+        if broadcaster.shared and broadcaster.running:
+            self.streams.release(channel)
 
     # -- resume: the handshake's channels -----------------------------------------------------------------
 
@@ -301,7 +307,7 @@ class Channels:
             elif not await self.allowed(connection.principal, name):
                 resumed.refuse(_error_text(user_id, "forbidden", f"Not allowed to subscribe to {name!r}.", name))
             else:
-                channel = sys.intern(name)
+                channel = self._name(name)
                 if connection.released():
                     break
                 counts = await self.count_in(connection, channel)

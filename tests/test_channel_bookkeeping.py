@@ -63,6 +63,7 @@ async def test_100k_distinct_channels_subscribed_and_left_return_memory_to_its_b
         after = sys.getallocatedblocks()
         assert broadcaster.registry.channels == 0
         assert broadcaster.channels.joining == {}
+        assert broadcaster.channels._names == {}
         assert len(broadcaster.channels.streams) == 0
         assert backend._members == {}
         assert all(not ws_connection.channels for ws_connection in broadcaster.registry.everyone())
