@@ -236,6 +236,7 @@ async def _partition(hosts: Hosts, directory: pathlib.Path) -> None:
         returned: dict[str, list[int]] = {user: [] for user in users}
         publishing = anyio.Event()
         stop = anyio.Event()
+        published_all = anyio.Event()
         statuses_during_cut: list[str] = []
 
         async def publish_from_b() -> None:
@@ -251,6 +252,7 @@ async def _partition(hosts: Hosts, directory: pathlib.Path) -> None:
                     returned[user].append(n)
                     publishing.set()
                     await anyio.sleep(0.02)
+            published_all.set()  # the last publish, in flight when stop was set, has returned
 
         async with anyio.create_task_group() as tg:
             for client in clients:
@@ -281,6 +283,8 @@ async def _partition(hosts: Hosts, directory: pathlib.Path) -> None:
                 while any(len(returned[u]) < marks[u] + 3 for u in users):  # noqa: ASYNC110  # paced publisher
                     await anyio.sleep(0.05)
             stop.set()
+            with anyio.fail_after(10):
+                await published_all.wait()
             with anyio.fail_after(15):
                 for client in clients:
                     while not set(returned[client.user]) <= set(client.numbers) and not client.resyncs:  # noqa: ASYNC110
