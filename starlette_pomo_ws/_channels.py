@@ -124,21 +124,17 @@ class Channels:
 
     # -- subscribing --------------------------------------------------------------------------------------
 
-    async def check(self, connection: Connection, channel: Any, *, held: int) -> str | None:
-        """The problem that stops `connection` from subscribing to `channel`, answered as an ERROR; or None.
+    async def refusal(self, principal: Principal, channel: Any, *, held: int) -> tuple[str, str] | None:
+        """Why `principal` may not subscribe to `channel`, as an ERROR's code and message; or None.
 
         `held` is how many channels the connection holds or is joining.
         """
         if problem := channel_problem(channel):
-            _error(connection, "invalid_channel", f"Invalid channel name: {problem}.", channel)
-            return "invalid_channel"
+            return "invalid_channel", f"Invalid channel name: {problem}."
         if held >= self._limit:
-            message = f"Too many channels; a connection may hold {self._limit}."
-            _error(connection, "too_many_channels", message, channel)
-            return "too_many_channels"
-        if not await self.allowed(connection.principal, channel):
-            _error(connection, "forbidden", f"Not allowed to subscribe to {channel!r}.", channel)
-            return "forbidden"
+            return "too_many_channels", f"Too many channels; a connection may hold {self._limit}."
+        if not await self.allowed(principal, channel):
+            return "forbidden", f"Not allowed to subscribe to {channel!r}."
         return None
 
     def counted(self, channel: str) -> bool:
@@ -172,7 +168,8 @@ class Channels:
         if authorized:
             if channel_problem(name) is not None:
                 return
-        elif await self.check(connection, name, held=held) is not None:
+        elif refused := await self.refusal(connection.principal, name, held=held):
+            _error(connection, *refused, name)
             return
         if connection.released():
             return
@@ -299,13 +296,8 @@ class Channels:
             if name in seen:
                 continue
             seen.add(name)
-            if problem := channel_problem(name):
-                resumed.refuse(_error_text(user_id, "invalid_channel", f"Invalid channel name: {problem}.", name))
-            elif len(resumed.joined) >= self._limit:
-                message = f"Too many channels; a connection may hold {self._limit}."
-                resumed.refuse(_error_text(user_id, "too_many_channels", message, name))
-            elif not await self.allowed(connection.principal, name):
-                resumed.refuse(_error_text(user_id, "forbidden", f"Not allowed to subscribe to {name!r}.", name))
+            if refused := await self.refusal(connection.principal, name, held=len(resumed.joined)):
+                resumed.refuse(_error_text(user_id, *refused, name))
             else:
                 channel = self._name(name)
                 if connection.released():
