@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import secrets
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -17,15 +18,21 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError, RedisError
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as time_limit
+else:  # a dependency of redis-py before Python 3.11.3
+    from async_timeout import timeout as time_limit
+
 from ..._events import Position
 from ..._settings import redact_url
 from ...exceptions import BackendUnavailable, ConfigurationError
 from ..base import Backend, Control, Deliver, History, Record
 from ._batch import Coalescer
+from ._connection import Direct
 from ._members import Change, Members
 from ._presence import Presence
 from ._pubsub import PubSub
-from ._scripts import load
+from ._scripts import Script
 from ._sentinel import SCHEMES, describe, sentinel_client
 
 __all__ = ["RedisBackend"]
@@ -156,9 +163,9 @@ class RedisBackend(Backend):
         else:
             self._url = _describe(client)
         self._client = client
-        self._publish_script = client.register_script(load("publish"))
-        self._position_script = client.register_script(load("position"))
-        self._history_script = client.register_script(load("history"))
+        self._publish_script = Script(client, "publish")
+        self._position_script = Script(client, "position")
+        self._history_script = Script(client, "history")
         self._meta_key = f"{key_prefix}meta"
         self._command_ok = False
         self._control: Control | None = None
@@ -175,6 +182,7 @@ class RedisBackend(Backend):
             position=self.position,
             read_since=self._read_since,
         )
+        self._direct = Direct(client, name=f"{self._client_name}-pub", connect_timeout=socket_timeout)
         self._publishes: Coalescer[_Publish, Record] = Coalescer(
             self._publish_batch, what="publish the event", timeout=self._op_timeout, limit=_PUBLISH_BATCH
         )
@@ -234,6 +242,7 @@ class RedisBackend(Backend):
             await asyncio.wait(tasks, timeout=self._op_timeout)
         await self._pubsub.stop()
         await self._publishes.close()
+        await self._direct.close()
         await self._positions.close()
         await self._presence.stop()
         await self._members.stop()
@@ -281,49 +290,36 @@ class RedisBackend(Backend):
         ]
         for kind, name, head in events:
             args += (name, kind, head)
-        if self._min_replicas:
-            reply = await self._command(
-                lambda: self._publish_replicated(args, timeout), "publish the event", idempotent=False, timeout=timeout
-            )
-        else:
-            reply = await self._command(
-                lambda: self._publish_script(keys=[self._meta_key], args=args),
-                "publish the event",
-                idempotent=False,
-                timeout=timeout,
-            )
+        reply = await self._command(
+            lambda: self._run_publish(args, timeout), "publish the event", idempotent=False, timeout=timeout
+        )
         epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
         return [
             Record(epoch, first + i, name if kind == _USER else None, head, published_at, _channel(kind, name))
             for i, (kind, name, head) in enumerate(events)
         ]
 
-    async def _publish_replicated(self, args: list[str | int], timeout: float) -> Any:
-        """The publish script and `WAIT` in one pipeline: `WAIT` counts the replicas that have this connection's
-        writes, so both must go on the same connection."""
+    async def _run_publish(self, args: list[str | int], timeout: float) -> Any:
+        """The publish script, on the backend's own publish connection; with `redis_min_replicas`, `WAIT` in
+        the same write: it counts the replicas that have this connection's writes."""
+        script = ("EVALSHA", self._publish_script.sha, 1, self._meta_key, *args)
         # WAIT's own timeout leaves room for its answer within the socket timeout.
         wait_ms = max(1, int(min(timeout, self._socket_timeout) * 800))
-        reply, replicas = await self._publish_and_wait(args, wait_ms)
-        if isinstance(reply, NoScriptError):
+        commands = [script, ("WAIT", self._min_replicas, wait_ms)] if self._min_replicas else [script]
+        answers = await self._direct(*commands)
+        if isinstance(answers[0], NoScriptError):
             # Not run (a restarted or promoted server has no scripts yet): load it, and send again.
-            await self._client.script_load(self._publish_script.script)
-            reply, replicas = await self._publish_and_wait(args, wait_ms)
-        for answer in (reply, replicas):
+            await self._direct(("SCRIPT", "LOAD", self._publish_script.source))
+            answers = await self._direct(*commands)
+        for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
-        if int(replicas) < self._min_replicas:
+        if self._min_replicas and int(answers[1]) < self._min_replicas:
             raise RedisError(
-                f"only {int(replicas)} of {self._min_replicas} replicas (redis_min_replicas) confirmed the event "
+                f"only {int(answers[1])} of {self._min_replicas} replicas (redis_min_replicas) confirmed the event "
                 f"within {wait_ms} ms; it is stored on the primary and may still be delivered"
             )
-        return reply
-
-    async def _publish_and_wait(self, args: list[str | int], wait_ms: int) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            _ = pipe.execute_command("EVALSHA", self._publish_script.sha, 1, self._meta_key, *args)
-            _ = pipe.execute_command("WAIT", self._min_replicas, wait_ms)
-            answers: list[Any] = await pipe.execute(raise_on_error=False)
-        return answers
+        return answers[0]
 
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         """Act on this node at once, then publish to the others.
@@ -532,7 +528,8 @@ class RedisBackend(Backend):
     # -- plumbing -----------------------------------------------------------------------------
 
     async def _bounded(self, operation: Awaitable[_T]) -> _T:
-        return await asyncio.wait_for(operation, self._op_timeout)
+        async with time_limit(self._op_timeout):
+            return await operation
 
     async def _command(
         self,
@@ -553,7 +550,8 @@ class RedisBackend(Backend):
         while True:
             attempts -= 1
             try:
-                result = await asyncio.wait_for(operation(), max(0.05, deadline - loop.time()))
+                async with time_limit(max(0.05, deadline - loop.time())):
+                    result = await operation()
             except RedisConnectionError as exc:
                 if attempts > 0 and loop.time() < deadline:
                     continue

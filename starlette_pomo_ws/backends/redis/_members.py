@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
 from ._batch import Coalescer
-from ._scripts import load
+from ._scripts import Script
 
 __all__ = ["Members"]
 
@@ -55,9 +55,9 @@ class Members:
         self._command = command
         self._timeout = timeout
         self._changed = changed
-        self._script = client.register_script(load("members"))
-        self._reap = client.register_script(load("reap"))
-        self._touch = client.register_script(load("touch_members"))
+        self._script = Script(client, "members")
+        self._reap = Script(client, "reap")
+        self._touch = Script(client, "touch_members")
         self._nodes_key = f"{key_prefix}member-nodes"
         self.local: dict[str, dict[tuple[str, str], int]] = {}  # node id -> (channel, user) -> connections
         self._lock = asyncio.Lock()

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
 from ._batch import Coalescer
-from ._scripts import load
+from ._scripts import Script
 
 __all__ = ["Presence"]
 
@@ -43,8 +43,8 @@ class Presence:
         self._ttl = ttl
         self._command = command
         self._bounded = bounded
-        self._script = client.register_script(load("presence"))
-        self._touch = client.register_script(load("touch"))
+        self._script = Script(client, "presence")
+        self._touch = Script(client, "touch")
         self._nodes_key = f"{key_prefix}nodes"
         self.local: dict[str, dict[str, set[str]]] = {}  # node id -> user id -> connection ids
         self._lock = asyncio.Lock()

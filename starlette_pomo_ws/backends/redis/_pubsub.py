@@ -20,14 +20,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..._events import Position
 from ..._settings import redact_url
 from ...exceptions import BackendUnavailable
 from ..base import Control, Deliver, Record
+from ._connection import own_connection
 
 __all__ = ["PubSub", "parse"]
 
@@ -259,25 +258,8 @@ class PubSub:
     def _is_stopping(self) -> bool:
         return self._stopping  # a method, since stop() flips the flag while _run() awaits
 
-    def _connection(self) -> AbstractConnection:
-        pool = self._client.connection_pool
-        # Maintenance notifications need RESP3, and this connection speaks RESP2 pub/sub.
-        kwargs = {k: v for k, v in pool.connection_kwargs.items() if "maint_notifications" not in k}
-        kwargs.update(
-            # Our own reads wait for messages; the heartbeat bounds them.
-            socket_timeout=None,
-            socket_connect_timeout=self._socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            protocol=2,
-            decode_responses=False,
-            client_name=self.name,
-        )
-        connection: AbstractConnection = pool.connection_class(**kwargs)
-        return connection
-
     async def _session(self, ready: asyncio.Future[None]) -> None:
-        conn = self._connection()
+        conn = own_connection(self._client, name=self.name, connect_timeout=self._socket_timeout)
         heartbeat: asyncio.Task[None] | None = None
         try:
             await asyncio.wait_for(conn.connect(), self._op_timeout)  # type: ignore[no-untyped-call]

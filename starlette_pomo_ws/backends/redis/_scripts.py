@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from importlib.resources import files
+from typing import Any
 
-__all__ = ["load"]
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+__all__ = ["Script", "load"]
 
 # Scripts that begin with the metadata check: KEYS[1] is the metadata hash and ARGV[1] a candidate epoch.
 _WITH_EPOCH = frozenset({"publish", "position", "history"})
@@ -17,3 +23,23 @@ def load(name: str) -> str:
     if name in _WITH_EPOCH:
         source = package.joinpath("epoch.lua").read_text(encoding="utf-8") + source
     return source
+
+
+class Script:
+    """One script, run by its SHA1 with `EVALSHA`; a server that does not know it yet (a restarted or
+    promoted one) answers `NOSCRIPT` without running anything, and the script is then loaded and sent again.
+
+    Lighter than redis-py's `register_script` objects, whose wrappers cost a publish about 20 µs.
+    """
+
+    def __init__(self, client: aioredis.Redis, name: str) -> None:
+        self._client = client
+        self.source = load(name)
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        try:
+            return await self._client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            await self._client.script_load(self.source)
+            return await self._client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
