@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as time_limit
@@ -182,7 +182,8 @@ class RedisBackend(Backend):
             position=self.position,
             read_since=self._read_since,
         )
-        self._direct = Direct(client, name=f"{self._client_name}-pub", connect_timeout=socket_timeout)
+        self._publish_line = Direct(client, name=f"{self._client_name}-pub", connect_timeout=socket_timeout)
+        self._position_line = Direct(client, name=f"{self._client_name}-pos", connect_timeout=socket_timeout)
         self._publishes: Coalescer[_Publish, Record] = Coalescer(
             self._publish_batch, what="publish the event", timeout=self._op_timeout, limit=_PUBLISH_BATCH
         )
@@ -196,6 +197,7 @@ class RedisBackend(Backend):
             command=lambda operation, what, timeout: self._command(operation, what, timeout=timeout),
             bounded=self._bounded,
             timeout=self._op_timeout,
+            line=Direct(client, name=f"{self._client_name}-presence", connect_timeout=socket_timeout),
         )
         self._members = Members(
             client,
@@ -203,6 +205,7 @@ class RedisBackend(Backend):
             ttl=presence_ttl,
             command=lambda operation, what, timeout: self._command(operation, what, timeout=timeout),
             timeout=self._op_timeout,
+            line=Direct(client, name=f"{self._client_name}-members", connect_timeout=socket_timeout),
             changed=self._members_changed,
         )
 
@@ -242,7 +245,8 @@ class RedisBackend(Backend):
             await asyncio.wait(tasks, timeout=self._op_timeout)
         await self._pubsub.stop()
         await self._publishes.close()
-        await self._direct.close()
+        await self._publish_line.close()
+        await self._position_line.close()
         await self._positions.close()
         await self._presence.stop()
         await self._members.stop()
@@ -300,26 +304,21 @@ class RedisBackend(Backend):
         ]
 
     async def _run_publish(self, args: list[str | int], timeout: float) -> Any:
-        """The publish script, on the backend's own publish connection; with `redis_min_replicas`, `WAIT` in
+        """The publish script, on the publish batches' own connection; with `redis_min_replicas`, `WAIT` in
         the same write: it counts the replicas that have this connection's writes."""
-        script = ("EVALSHA", self._publish_script.sha, 1, self._meta_key, *args)
+        if not self._min_replicas:
+            return (await self._publish_line.script(self._publish_script, [self._meta_key], args))[0]
         # WAIT's own timeout leaves room for its answer within the socket timeout.
         wait_ms = max(1, int(min(timeout, self._socket_timeout) * 800))
-        commands = [script, ("WAIT", self._min_replicas, wait_ms)] if self._min_replicas else [script]
-        answers = await self._direct(*commands)
-        if isinstance(answers[0], NoScriptError):
-            # Not run (a restarted or promoted server has no scripts yet): load it, and send again.
-            await self._direct(("SCRIPT", "LOAD", self._publish_script.source))
-            answers = await self._direct(*commands)
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
-        if self._min_replicas and int(answers[1]) < self._min_replicas:
+        reply, replicas = await self._publish_line.script(
+            self._publish_script, [self._meta_key], args, ("WAIT", self._min_replicas, wait_ms)
+        )
+        if int(replicas) < self._min_replicas:
             raise RedisError(
-                f"only {int(answers[1])} of {self._min_replicas} replicas (redis_min_replicas) confirmed the event "
+                f"only {int(replicas)} of {self._min_replicas} replicas (redis_min_replicas) confirmed the event "
                 f"within {wait_ms} ms; it is stored on the primary and may still be delivered"
             )
-        return answers[0]
+        return reply
 
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         """Act on this node at once, then publish to the others.
@@ -344,8 +343,10 @@ class RedisBackend(Backend):
         return await self._positions(None)
 
     async def _position_batch(self, callers: list[None], timeout: float) -> list[Position]:
-        reply = await self._command(
-            lambda: self._position_script(keys=[self._meta_key], args=[self._epoch_mark + secrets.token_hex(6)]),
+        reply, *_ = await self._command(
+            lambda: self._position_line.script(
+                self._position_script, [self._meta_key], [self._epoch_mark + secrets.token_hex(6)]
+            ),
             "read the position",
             timeout=timeout,
         )

@@ -1,12 +1,13 @@
-"""Connections of the backend's own, outside redis-py's pool: the pub/sub session's, and the publishes'.
+"""Connections of the backend's own, outside redis-py's pool: the pub/sub session's, and the batches'.
 
-Both are made like the pool's (same host or Sentinel-resolved primary, credentials, TLS), but speak
+They are made like the pool's (same host or Sentinel-resolved primary, credentials, TLS), but speak
 RESP2 without decoding, with no socket timeout of their own: the caller bounds every wait.
 
-`Direct` carries the publish batches. Through `Redis.execute_command` a script call costs about
-190 µs of a node's CPU on our 2-core machine (the pool, a retry wrapper, a task per socket write
-on Python 3.11, argument encoding); on a connection of its own, packed by hand, about 110 µs. The
-batches already go one at a time (`Coalescer`), so one connection serves them all, in order.
+`Direct` carries the batches of one `Coalescer` (publishes, positions, presence, channel members).
+Through `Redis.execute_command` a script call costs about 190 µs of a node's CPU on our 2-core
+machine (the pool, a retry wrapper, a task per socket write on Python 3.11, argument encoding); on
+a connection of its own, packed by hand, about 110 µs. A coalescer sends one batch at a time, so
+one connection serves all its batches, in order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
+
+from ._scripts import Script
 
 __all__ = ["Direct", "own_connection", "pack"]
 
@@ -87,6 +90,22 @@ class Direct:
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
             raise
+        return replies
+
+    async def script(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int], *after: Command
+    ) -> list[Any]:
+        """Run `script`, then the commands `after` in the same write; return every reply, or raise the first
+        error. A server that does not know the script yet (restarted, or promoted) runs nothing and answers
+        `NOSCRIPT`: the script is then loaded and everything sent again."""
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args), *after]
+        replies = await self(*commands)
+        if isinstance(replies[0], NoScriptError):
+            await self(("SCRIPT", "LOAD", script.source))
+            replies = await self(*commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         return replies
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
 from ._batch import Coalescer
+from ._connection import Direct
 from ._scripts import Script
 
 __all__ = ["Members"]
@@ -47,9 +48,11 @@ class Members:
         ttl: float,
         command: Command,
         timeout: float,
+        line: Direct,
         changed: Changed,
     ) -> None:
         self._client = client
+        self._line = line  # the batches' own connection
         self._key_prefix = key_prefix
         self._ttl = ttl
         self._command = command
@@ -124,8 +127,10 @@ class Members:
             for channel, user_id in asked:
                 args += (channel, user_id)
             try:
-                reply = await self._command(
-                    lambda: self._script(keys=[self._nodes_key], args=args), "update the channel members", timeout
+                reply, *_ = await self._command(
+                    lambda: self._line.script(self._script, [self._nodes_key], args),
+                    "update the channel members",
+                    timeout,
                 )
             except BackendUnavailable:
                 self._dirty.update(written)
@@ -230,6 +235,7 @@ class Members:
     async def stop(self) -> None:
         """Forget this process's members in Redis (on a graceful stop); on failure the TTL does it."""
         await self._batches.close()
+        await self._line.close()
         nodes = tuple(self.local)
         self.local.clear()
         if nodes:

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
 from ._batch import Coalescer
+from ._connection import Direct
 from ._scripts import Script
 
 __all__ = ["Presence"]
@@ -37,8 +38,10 @@ class Presence:
         command: Command,
         bounded: Callable[[Awaitable[Any]], Awaitable[Any]],
         timeout: float,
+        line: Direct,
     ) -> None:
         self._client = client
+        self._line = line  # the batches' own connection
         self._key_prefix = key_prefix
         self._ttl = ttl
         self._command = command
@@ -112,8 +115,10 @@ class Presence:
             asked = sorted({user_id for _, user_id, change in updates if change > 0})
             args += [f"u:{user_id}" for user_id in asked]
             try:
-                counts = await self._command(
-                    lambda: self._script(keys=[self._nodes_key], args=args), "update the connection counts", timeout
+                counts, *_ = await self._command(
+                    lambda: self._line.script(self._script, [self._nodes_key], args),
+                    "update the connection counts",
+                    timeout,
                 )
             except BackendUnavailable:
                 self._dirty.update(written)
@@ -179,6 +184,7 @@ class Presence:
     async def stop(self) -> None:
         """Remove this process's nodes from Redis (on a graceful stop); failures are left to the TTL."""
         await self._batches.close()
+        await self._line.close()
         if not self.local:
             return
         nodes: Iterable[str] = list(self.local)
