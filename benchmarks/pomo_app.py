@@ -21,6 +21,7 @@ SECRET = os.environ.get("BENCH_JWT_SECRET", "benchmark-secret-at-least-32-bytes-
 BACKEND_URL = os.environ.get("BENCH_BACKEND_URL", "memory://")
 
 METRICS = os.environ.get("BENCH_METRICS") == "1"  # the `pomo-metrics` variant of the benchmark
+WRAP = os.environ.get("BENCH_WRAP") == "1"  # the `pomo-wrap` variant: `app = pomo.wrap(app)`
 # The channel phases: `presence:*` channels have presence, with JOIN/LEAVE up to this many members.
 PRESENCE_MAX = int(os.environ.get("BENCH_PRESENCE_MAX", "0"))
 CHANNELS = {"presence_channels": ("presence:*",), "presence_max_members": PRESENCE_MAX} if PRESENCE_MAX else {}
@@ -68,9 +69,9 @@ async def bench_tracemalloc(request: Request) -> JSONResponse:
 
     gc.collect()
     if request.query_params.get("action") == "start":
-        app.state.snapshot = tracemalloc.take_snapshot()
+        request.app.state.snapshot = tracemalloc.take_snapshot()
         return JSONResponse({"started": True})
-    stats = tracemalloc.take_snapshot().compare_to(app.state.snapshot, "lineno")
+    stats = tracemalloc.take_snapshot().compare_to(request.app.state.snapshot, "lineno")
     top = [{"where": str(s.traceback), "bytes": s.size_diff, "count": s.count_diff} for s in stats[:25]]
     return JSONResponse({"total": sum(s.size_diff for s in stats), "top": top})
 
@@ -79,7 +80,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"connections": request.state.broadcaster.total_connection_count()})
 
 
-app = Starlette(
+starlette_app = Starlette(
     lifespan=pomo.lifespan,
     routes=[
         Route("/bench/all", bench_all, methods=["POST"]),
@@ -89,4 +90,7 @@ app = Starlette(
     ]
     + ([Route("/bench/tracemalloc", bench_tracemalloc, methods=["POST"])] if TRACEMALLOC else []),
 )
-app.mount("/ws", pomo)
+starlette_app.mount("/ws", pomo)
+# The documented setup, or with the optional top-level entry, whose WebSockets skip Starlette's routing and
+# exception wrapper on the way to the package (docs/deployment.md).
+app = pomo.wrap(starlette_app) if WRAP else starlette_app

@@ -69,6 +69,7 @@ APP_MODULES = {
     "baseline": "benchmarks.baseline_app:app",
     "pomo": "benchmarks.pomo_app:app",
     "pomo-metrics": "benchmarks.pomo_app:app",  # the same app with Settings(metrics=True)
+    "pomo-wrap": "benchmarks.pomo_app:app",  # the same app behind `pomo.wrap(app)`
     "floor": "benchmarks.floor_app:app",  # the thinnest mounted loop: a reference, not a competitor
 }
 METRICS_TARGET = 1.05  # issue 7: metrics on costs at most 5 % more fan-out CPU than metrics off
@@ -251,7 +252,9 @@ class Session:
         env = {"BENCH_JWT_SECRET": SECRET, **self.extra_env}
         if self.app == "pomo-metrics":
             env["BENCH_METRICS"] = "1"
-        if self.app in ("pomo", "pomo-metrics"):
+        if self.app == "pomo-wrap":
+            env["BENCH_WRAP"] = "1"
+        if self.app in ("pomo", "pomo-metrics", "pomo-wrap"):
             env["BENCH_BACKEND_URL"] = (
                 self.redis_url if self.config.backend == "redis" and self.redis_url else "memory://"
             )
@@ -555,6 +558,7 @@ async def paired_run(
     rep: int,
     metrics: bool = False,
     floor: bool = False,
+    wrap: bool = False,
 ) -> dict[str, Any]:
     """Every figure with every server up at once, in short bursts and rotating order.
 
@@ -567,6 +571,8 @@ async def paired_run(
     sessions += [Session("pomo", Config(n, b, deflate), mode, gens, redis_url) for b in backends]
     if metrics:  # the package again, with its Prometheus metrics on
         sessions.append(Session("pomo-metrics", Config(n, "memory", deflate), mode, gens, redis_url))
+    if wrap:  # the package again, behind `pomo.wrap(app)`: WebSockets skip Starlette's routing
+        sessions.append(Session("pomo-wrap", Config(n, "memory", deflate), mode, gens, redis_url))
     if floor:  # the thinnest loop any mounted app can have: where the package's floor is
         sessions.append(Session("floor", Config(n, "memory", deflate), mode, gens, redis_url))
     broadcasts = max(FANOUT_BATCH, math.ceil(mode.paired_deliveries / n / FANOUT_BATCH) * FANOUT_BATCH)
@@ -1075,6 +1081,10 @@ def verdict(key: str, ratio: float | None, n: int) -> str:
     return f"{op} {value:g} {'✅' if ok else '❌'}"
 
 
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def paired_markdown(psum: dict[str, Any]) -> list[str]:
     lines = [
         "## Paired rounds (the headline figures)",
@@ -1092,9 +1102,9 @@ def paired_markdown(psum: dict[str, Any]) -> list[str]:
         lines.append("")
         lines.append(
             "| figure | unit | baseline | package | ratio | (min-max) | target | floor ÷ baseline "
-            "| package on Redis | Redis ÷ memory | metrics on ÷ off |"
+            "| package on Redis | Redis ÷ memory | metrics on ÷ off | `pomo.wrap` ÷ baseline |"
         )
-        lines.append("| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
+        lines.append("| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for fkey, label, unit, _better in PAIRED_FIGURES:
             f = e["figures"].get(fkey, {})
             if "baseline-memory" not in f:
@@ -1116,7 +1126,7 @@ def paired_markdown(psum: dict[str, Any]) -> list[str]:
                 f"| {label} | {unit} | {_fmt(fkey, f['baseline-memory'])} | {_fmt(fkey, f.get('pomo-memory'))} | "
                 f"{'-' if ratio is None else f'**{ratio:.3f}**'} | {lo:.2f}-{hi:.2f} | {target} | "
                 f"{'-' if floor is None else f'{floor:.3f}'} | {_fmt(fkey, f.get('pomo-redis'))} | {rvm_txt} | "
-                f"{met_txt} |"
+                f"{met_txt} | {_fmt_ratio(f.get('pomo-wrap-memory/baseline'))} |"
             )
         lines.append("")
     return lines
@@ -1397,6 +1407,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics", action="store_true", help="add the package with metrics on to the paired bursts (issue 7)"
     )
+    parser.add_argument(
+        "--wrap", action="store_true", help="add the package behind `pomo.wrap(app)` to the paired bursts (issue 11)"
+    )
     parser.add_argument("--no-paired", action="store_true", help="skip the paired rounds")
     parser.add_argument(
         "--server", choices=_proc.SERVERS, default="uvicorn", help="the ASGI server every app runs under"
@@ -1504,7 +1517,16 @@ async def amain(args: argparse.Namespace) -> int:
                         print(f"[rep {rep + 1}/{reps}] paired   N={n} deflate={deflate} ...", end=" ", flush=True)
                         floor = args.floor if args.floor is not None else mode.name != "smoke"
                         p = await paired_run(
-                            n, deflate, backends, mode, gens, args.redis, rep, metrics=args.metrics, floor=floor
+                            n,
+                            deflate,
+                            backends,
+                            mode,
+                            gens,
+                            args.redis,
+                            rep,
+                            metrics=args.metrics,
+                            floor=floor,
+                            wrap=args.wrap,
                         )
                         paired.append(p)
                         if p["ok"]:

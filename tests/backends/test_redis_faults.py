@@ -131,7 +131,13 @@ async def test_client_kill_during_publishing_loses_nothing(
         tg.start_soon(publish_forever)
         for _ in range(6):
             await eventually(published(len(returned) + 40))
-            names = (subscriber._pubsub.name, subscriber._client_name, publisher._client_name)
+            # The pub/sub session, the pools, and the publisher's own publish connection.
+            names = (
+                subscriber._pubsub.name,
+                subscriber._client_name,
+                publisher._client_name,
+                f"{publisher._client_name}-pub",
+            )
             assert await kill_clients(redis_url, *names) >= 1
             mark = len(returned) + 20
             await eventually(published(mark))
