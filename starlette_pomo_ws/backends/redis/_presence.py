@@ -50,6 +50,7 @@ class Presence:
         self._touch = Script(client, "touch")
         self._nodes_key = f"{key_prefix}nodes"
         self.local: dict[str, dict[str, set[str]]] = {}  # node id -> user id -> connection ids
+        self._totals: dict[str, int] = {}  # node id -> its connections (a sum over `local` costs O(users) per write)
         self._lock = asyncio.Lock()
         # Cleared by the backend's stop: the refresh loop ends even if a cancellation is lost on the way
         # (Python 3.11's wait_for drops one that arrives as the awaited call completes).
@@ -67,6 +68,7 @@ class Presence:
         if connection_id in connections:
             return await self.user_count(user_id)
         connections.add(connection_id)
+        self._totals[node_id] = self._totals.get(node_id, 0) + 1
         try:
             return await self._write(node_id, user_id)
         except BackendUnavailable:
@@ -85,6 +87,7 @@ class Presence:
         if users is None or connections is None or connection_id not in connections:
             return False
         connections.discard(connection_id)
+        self._totals[node_id] -= 1
         if not connections:
             del users[user_id]
         return True
@@ -109,7 +112,7 @@ class Presence:
             args: list[str | int] = [self._key_prefix, int(self._ttl * 1000), len(written)]
             for node_id, user_ids in written.items():
                 users = self.local.get(node_id, {})
-                args += (node_id, sum(len(c) for c in users.values()), len(user_ids))
+                args += (node_id, self._totals.get(node_id, 0), len(user_ids))
                 for user_id in user_ids:
                     args += (f"u:{user_id}", len(users.get(user_id, ())))
             asked = sorted({user_id for _, user_id, change in updates if change > 0})
@@ -189,6 +192,7 @@ class Presence:
             return
         nodes: Iterable[str] = list(self.local)
         self.local.clear()
+        self._totals.clear()
         with contextlib.suppress(Exception):
             await self._bounded(self._forget_nodes(nodes))
 
