@@ -1115,17 +1115,17 @@ def paired_markdown(psum: dict[str, Any]) -> list[str]:
             target = "" if e["deflate"] and fkey == "fanout_us" else verdict(fkey, ratio, e["n"])
             floor = f.get("floor-memory/baseline")
             rvm = f.get("redis/memory")
-            rvm_txt = "-" if rvm is None else f"{rvm:.3f}"
+            rvm_txt = _fmt_ratio(rvm)
             if rvm is not None and fkey == "fanout_us" and e["n"] == 1000:
                 rvm_txt = f"**{rvm:.3f}** (≤ {REDIS_TARGET} {'✅' if rvm <= REDIS_TARGET else '❌'})"
             met = f.get("metrics/no-metrics")
-            met_txt = "-" if met is None else f"{met:.3f}"
+            met_txt = _fmt_ratio(met)
             if met is not None and fkey == "fanout_us":
                 met_txt = f"**{met:.3f}** (≤ {METRICS_TARGET} {'✅' if met <= METRICS_TARGET else '❌'})"
             lines.append(
                 f"| {label} | {unit} | {_fmt(fkey, f['baseline-memory'])} | {_fmt(fkey, f.get('pomo-memory'))} | "
                 f"{'-' if ratio is None else f'**{ratio:.3f}**'} | {lo:.2f}-{hi:.2f} | {target} | "
-                f"{'-' if floor is None else f'{floor:.3f}'} | {_fmt(fkey, f.get('pomo-redis'))} | {rvm_txt} | "
+                f"{_fmt_ratio(floor)} | {_fmt(fkey, f.get('pomo-redis'))} | {rvm_txt} | "
                 f"{met_txt} | {_fmt_ratio(f.get('pomo-wrap-memory/baseline'))} |"
             )
         lines.append("")

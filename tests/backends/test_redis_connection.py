@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -27,54 +28,54 @@ def test_pack_is_resp() -> None:
     )
 
 
-async def test_an_error_reply_is_returned_in_place_and_the_next_replies_stay_in_step(redis_url: str) -> None:
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def line(client: aioredis.Redis) -> AsyncIterator[Direct]:
     line = Direct(client, name=f"pomo-ws-test-{uuid.uuid4().hex[:8]}", connect_timeout=2)
+    yield line
+    await line.close()
+
+
+@pytest.fixture
+async def key(client: aioredis.Redis) -> AsyncIterator[str]:
     key = f"pomo-ws-test:{uuid.uuid4().hex}"
+    yield key
+    await client.delete(key)
+
+
+async def test_an_error_reply_is_returned_in_place_and_the_next_replies_stay_in_step(line: Direct, key: str) -> None:
+    replies = await line(("SET", key, "x"), ("INCR", key), ("GET", key))
+    assert replies[0] == b"OK" and replies[2] == b"x"
+    assert isinstance(replies[1], ResponseError)
+    assert await line(("ECHO", "next")) == [b"next"]
+
+
+async def test_a_cancelled_call_drops_its_connection_so_a_late_reply_reaches_nobody(
+    client: aioredis.Redis, line: Direct, key: str
+) -> None:
+    with anyio.move_on_after(0.3) as scope:
+        await line(("BLPOP", key, 5))
+    assert scope.cancelled_caught
+    # The cancelled BLPOP's connection is gone: its reply can never be read as the next call's.
+    await client.rpush(key, "late")
+    assert await line(("ECHO", "after")) == [b"after"]
+    assert await client.lrange(key, 0, -1) == [b"late"]  # nobody popped it
+
+
+async def test_a_killed_connection_is_replaced_by_the_next_call(redis_url: str, line: Direct) -> None:
+    assert await line(("PING",)) == [b"PONG"]
+    assert await kill_clients(redis_url, line._name) == 1
     try:
-        replies = await line(("SET", key, "x"), ("INCR", key), ("GET", key))
-        assert replies[0] == b"OK" and replies[2] == b"x"
-        assert isinstance(replies[1], ResponseError)
-        assert await line(("ECHO", "next")) == [b"next"]
-    finally:
-        await line.close()
-        await client.delete(key)
-        await client.aclose()
-
-
-async def test_a_cancelled_call_drops_its_connection_so_a_late_reply_reaches_nobody(redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    line = Direct(client, name=f"pomo-ws-test-{uuid.uuid4().hex[:8]}", connect_timeout=2)
-    key = f"pomo-ws-test:{uuid.uuid4().hex}"
-    try:
-        with anyio.move_on_after(0.3) as scope:
-            await line(("BLPOP", key, 5))
-        assert scope.cancelled_caught
-        # The cancelled BLPOP's connection is gone: its reply can never be read as the next call's.
-        await client.rpush(key, "late")
-        assert await line(("ECHO", "after")) == [b"after"]
-        assert await client.lrange(key, 0, -1) == [b"late"]  # nobody popped it
-    finally:
-        await line.close()
-        await client.delete(key)
-        await client.aclose()
-
-
-async def test_a_killed_connection_is_replaced_by_the_next_call(redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    name = f"pomo-ws-test-{uuid.uuid4().hex[:8]}"
-    line = Direct(client, name=name, connect_timeout=2)
-    try:
-        assert await line(("PING",)) == [b"PONG"]
-        assert await kill_clients(redis_url, name) == 1
-        try:
-            await line(("PING",))  # may fail: the kill is seen on this call
-        except (redis.RedisError, OSError):
-            pass
-        assert await line(("ECHO", "again")) == [b"again"]
-    finally:
-        await line.close()
-        await client.aclose()
+        await line(("PING",))  # may fail: the kill is seen on this call
+    except (redis.RedisError, OSError):
+        pass
+    assert await line(("ECHO", "again")) == [b"again"]
 
 
 async def test_publishes_survive_a_script_flush(redis_factory: Factory, redis_url: str) -> None:

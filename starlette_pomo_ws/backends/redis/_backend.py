@@ -246,8 +246,8 @@ class RedisBackend(Backend):
         await self._pubsub.stop()
         await self._publishes.close()
         await self._publish_line.close()
-        await self._position_line.close()
         await self._positions.close()
+        await self._position_line.close()
         await self._presence.stop()
         await self._members.stop()
         self._command_ok = False
