@@ -80,6 +80,30 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"connections": request.state.broadcaster.total_connection_count()})
 
 
+GC_PROBE = os.environ.get("BENCH_GC") == "1"  # diagnosis: time spent in garbage collection
+_gc = {"time": 0.0, "start": 0.0, "full": 0, "full_time": 0.0}
+if GC_PROBE:
+    import gc
+
+    def _probe(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            _gc["start"] = time.perf_counter()
+        else:
+            spent = time.perf_counter() - _gc["start"]
+            _gc["time"] += spent
+            if info["generation"] == 2:
+                _gc["full"] += 1
+                _gc["full_time"] += spent
+
+    gc.callbacks.append(_probe)
+
+
+async def bench_gc(request: Request) -> JSONResponse:
+    import gc
+
+    return JSONResponse({**_gc, "tracked": len(gc.get_objects()), "counts": gc.get_count()})
+
+
 starlette_app = Starlette(
     lifespan=pomo.lifespan,
     routes=[
@@ -88,7 +112,8 @@ starlette_app = Starlette(
         Route("/bench/channel/{name}", bench_channel, methods=["POST"]),
         Route("/bench/ready", ready),
     ]
-    + ([Route("/bench/tracemalloc", bench_tracemalloc, methods=["POST"])] if TRACEMALLOC else []),
+    + ([Route("/bench/tracemalloc", bench_tracemalloc, methods=["POST"])] if TRACEMALLOC else [])
+    + ([Route("/bench/gc", bench_gc)] if GC_PROBE else []),
 )
 starlette_app.mount("/ws", pomo)
 # The documented setup, or with the optional top-level entry, whose WebSockets skip Starlette's routing and

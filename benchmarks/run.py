@@ -517,7 +517,7 @@ class Session:
         wall = (max(merged["last_recv_ns"], time.time_ns()) - t0) / 1e9
         return requests / wall, (cpu1 - cpu0) * 1e6 / requests
 
-    async def burst_handshakes(self, count: int) -> tuple[float, float]:
+    async def burst_handshakes(self, count: int, pause: float = 0.3) -> tuple[float, float]:
         """Close the last ``count`` connections (spread over the load generators), then open them again.
 
         Returns (handshakes/s, server CPU µs per handshake), both over the reconnection only.
@@ -525,7 +525,7 @@ class Session:
         share = [count // self.nproc + (1 if i < count % self.nproc else 0) for i in range(self.nproc)]
         msgs = [{"cmd": "close", "timeout": 10, "group": self.group, "last": k} for k in share]
         replies = await call_all(self.gens, msgs, 60)
-        await asyncio.sleep(0.3)  # let the server finish with the closed sockets before measuring
+        await asyncio.sleep(pause)  # let the server finish with the closed sockets before measuring
         cpu0 = self.server_cpu()
         wall, connected = await self.connect_users([r["users"] for r in replies])
         cpu_us = (self.server_cpu() - cpu0) * 1e6 / count

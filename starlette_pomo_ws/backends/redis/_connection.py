@@ -8,23 +8,38 @@ Through `Redis.execute_command` a script call costs about 190 µs of a node's CP
 machine (the pool, a retry wrapper, a task per socket write on Python 3.11, argument encoding); on
 a connection of its own, packed by hand, about 110 µs. A coalescer sends one batch at a time, so
 one connection serves all its batches, in order.
+
+Once redis-py has connected (TLS, AUTH, SELECT, CLIENT SETNAME), `Direct` takes the transport over
+with a `Line`: replies are parsed as they arrive (by hiredis when it is installed) and hand the
+waiting caller its list in one step, with no stream reader, no read loop and no timeout per read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError, InvalidResponse, NoScriptError
 
 from ._scripts import Script
 
-__all__ = ["Direct", "own_connection", "pack"]
+# hiredis's reply parser, in C; the `redis` extra installs it. Without it, `Resp2Reader` below.
+HIREDIS_READER: Any = None
+try:
+    import hiredis
+
+    HIREDIS_READER = hiredis.Reader
+except ImportError:  # pragma: no cover - tested by setting HIREDIS_READER to None
+    pass
+
+__all__ = ["Direct", "Line", "Resp2Reader", "open_line", "own_connection", "pack"]
 
 Command = Sequence[str | int | bytes]
 
@@ -58,6 +73,157 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join(out)
 
 
+def reply_error(message: str) -> Exception:
+    """The exception redis-py gives an error reply (`NOSCRIPT` -> `NoScriptError`, `READONLY` -> ...)."""
+    error: Exception = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+    return error
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class Resp2Reader:
+    """RESP2 replies from the bytes fed so far, for when hiredis is missing; `gets()` returns the next
+    reply, or False until it is complete. Error replies are returned (not raised), as by hiredis."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def gets(self) -> Any:
+        try:
+            reply, end = self._parse(0)
+        except _Incomplete:
+            return False
+        del self._buffer[:end]
+        return reply
+
+    def _parse(self, start: int) -> tuple[Any, int]:
+        buffer = self._buffer
+        newline = buffer.find(b"\r\n", start)
+        if newline < 0:
+            raise _Incomplete
+        kind, line, at = buffer[start], bytes(buffer[start + 1 : newline]), newline + 2
+        if kind == 43:  # +simple string
+            return line, at
+        if kind == 45:  # -error
+            return reply_error(line.decode(errors="replace")), at
+        if kind == 58:  # :integer
+            return int(line), at
+        if kind == 36:  # $bulk string, -1 for nil
+            size = int(line)
+            if size < 0:
+                return None, at
+            if len(buffer) < at + size + 2:
+                raise _Incomplete
+            return bytes(buffer[at : at + size]), at + size + 2
+        if kind == 42:  # *array, -1 for nil
+            items: list[Any] = []
+            for _ in range(int(line)):
+                item, at = self._parse(at)
+                items.append(item)
+            return (items if int(line) >= 0 else None), at
+        raise InvalidResponse(f"Protocol error, got {bytes([kind])!r} as reply type byte")
+
+
+def _reader() -> Any:
+    if HIREDIS_READER is not None:
+        return HIREDIS_READER(protocolError=InvalidResponse, replyError=reply_error)
+    return Resp2Reader()
+
+
+class Line(asyncio.Protocol):
+    """The protocol of a connected transport. Replies are parsed as they arrive: each goes to `on_reply`
+    when there is one (pub/sub), or else `expect(count)` returns a future of the next `count` replies,
+    set as soon as the last one is parsed. An exception from `on_reply` ends the connection."""
+
+    def __init__(
+        self, transport: asyncio.Transport, keep: object = None, on_reply: Callable[[Any], None] | None = None
+    ) -> None:
+        self.transport = transport
+        self._keep = keep  # the StreamWriter it came from, which closes the transport when collected
+        self._on_reply = on_reply
+        self._reader = _reader()
+        self._waiter: asyncio.Future[list[Any]] | None = None
+        self._expected = 0
+        self._replies: list[Any] = []
+        self.lost = False  # closed, or closing
+        self.error: Exception | None = None  # why
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once closed
+
+    def expect(self, count: int) -> asyncio.Future[list[Any]]:
+        assert self._waiter is None, "one caller at a time"
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._expected = count
+        self._replies = []
+        return self._waiter
+
+    def write(self, commands: Sequence[Command]) -> None:
+        self.transport.write(pack(commands))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._reader.feed(data)
+            while (reply := self._reader.gets()) is not False:
+                if self._on_reply is not None:
+                    self._on_reply(reply)
+                    continue
+                waiter = self._waiter
+                if waiter is None:
+                    raise InvalidResponse("Redis sent a reply nobody asked for")
+                self._replies.append(reply)
+                if len(self._replies) == self._expected:
+                    self._waiter = None
+                    if not waiter.done():
+                        waiter.set_result(self._replies)
+        except Exception as exc:  # out of step for good: a protocol error, or an error reply to pub/sub
+            self._end(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close: Redis ended the connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(RedisConnectionError(f"Connection to Redis lost: {exc}" if exc else "Redis closed the connection"))
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def close(self) -> None:
+        self._end(RedisConnectionError("Connection to Redis closed by this process"))
+
+    def _end(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self.lost = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self.transport.close()
+
+
+async def open_line(
+    client: aioredis.Redis, *, name: str, connect_timeout: float, on_reply: Callable[[Any], None] | None = None
+) -> Line:
+    """Connect as `client`'s pool would (TLS, AUTH, SELECT, CLIENT SETNAME), then take the transport over."""
+    conn = own_connection(client, name=name, connect_timeout=connect_timeout)
+    try:
+        await conn.connect()  # type: ignore[no-untyped-call]
+    except BaseException:  # a cancelled connect (the caller's timeout) leaves no socket behind
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+        raise
+    writer = conn._writer
+    assert writer is not None
+    # The transport is the line's from here on: redis-py must neither read it nor close it.
+    conn._reader = conn._writer = None
+    transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+    line = Line(transport, keep=writer, on_reply=on_reply)
+    transport.set_protocol(line)
+    return line
+
+
 class Direct:
     """One connection for one caller at a time: `await direct(command, ...)` writes the commands at once
     and returns one reply per command, an error reply as its `ResponseError` (the connection stays in
@@ -68,29 +234,23 @@ class Direct:
         self._client = client
         self._name = name
         self._connect_timeout = connect_timeout
-        self._conn: AbstractConnection | None = None
+        self._line: Line | None = None
 
     async def __call__(self, *commands: Command) -> list[Any]:
-        conn = self._conn
+        line = self._line
         try:
-            if conn is None:
-                conn = own_connection(self._client, name=self._name, connect_timeout=self._connect_timeout)
-                await conn.connect()  # type: ignore[no-untyped-call]
-                self._conn = conn
-            await conn.send_packed_command(pack(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as error:
-                    replies.append(error)
+            if line is None or line.lost:
+                line = self._line = None
+                line = await open_line(self._client, name=self._name, connect_timeout=self._connect_timeout)
+                self._line = line
+            replies = line.expect(len(commands))
+            line.write(commands)
+            return await replies
         except BaseException:
-            self._conn = None
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
+            self._line = None
+            if line is not None:
+                line.close()
             raise
-        return replies
 
     async def script(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int], *after: Command
@@ -109,7 +269,6 @@ class Direct:
         return replies
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
+        line, self._line = self._line, None
+        if line is not None:
+            line.close()

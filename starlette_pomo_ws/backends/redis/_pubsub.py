@@ -19,14 +19,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError
 
 from ..._events import Position
 from ..._settings import redact_url
 from ...exceptions import BackendUnavailable
 from ..base import Control, Deliver, Record
-from ._connection import own_connection
+from ._connection import Line, open_line
 
 __all__ = ["PubSub", "parse"]
 
@@ -76,12 +74,13 @@ class PubSub:
         self._instance = ""
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
-        self._conn: AbstractConnection | None = None
-        self._write_lock = asyncio.Lock()
+        self._line: Line | None = None
+        # While the session subscribes and catches up, the live events wait here (None once live).
+        self._buffer: list[Record] | None = None
         self._waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         # (SUBSCRIBE or UNSUBSCRIBE, channel) waiting to be sent, in the order they were asked for
         self._outgoing: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._flusher: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
         self.users: set[str] = set()
         self.channels: set[str] = set()  # the channels (of `broadcast_to_channel`) this node subscribes to
         self.tracked: Position | None = None  # the last (epoch, seq) this node is sure it has delivered
@@ -138,8 +137,8 @@ class PubSub:
         await self._subscribe(self._channel_channel + name.encode())
 
     async def _subscribe(self, channel: bytes) -> None:
-        conn = self._conn
-        if conn is None:
+        line = self._line
+        if line is None:
             return  # the next connection subscribes it, and catches up from this node's position
         # Only once Redis confirms are later events sure to arrive; history() may then be read.
         loop = asyncio.get_running_loop()
@@ -153,74 +152,63 @@ class PubSub:
             # Returning unconfirmed could lose events after the caller's history read: start over instead,
             # and the next connection catches up.
             logger.warning("Redis pub/sub did not confirm a subscription within %.1fs; reconnecting", self._op_timeout)
-            await self._drop(conn)
+            self._drop(line)
         finally:
             timer.cancel()
 
     def _queue(self, command: str, channel: bytes) -> None:
-        # The (un)subscriptions asked for in the same moment go out as one command each, in order.
+        # The (un)subscriptions asked for in the same moment go out together, once that moment is over.
         self._outgoing.append((command, channel))
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="pomo-ws redis subscribe")
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        self._flush_scheduled = False
         outgoing = self._outgoing
-        conn: AbstractConnection | None = None
-        try:
-            while outgoing:
-                command = outgoing[0][0]
-                channels: list[bytes] = []
-                while outgoing and outgoing[0][0] == command and len(channels) < _CHANNELS_PER_SUBSCRIBE:
-                    channels.append(outgoing.popleft()[1])
-                async with self._write_lock:
-                    conn = self._conn
-                    if conn is None:
-                        # Lost meanwhile: its end released the waiters, and the next connection
-                        # subscribes every user and channel still held. (A command meant for a lost
-                        # connection is harmless on the next one.)
-                        outgoing.clear()
-                        return
-                    await conn.send_command(command, *channels, check_health=False)
-        except (RedisError, OSError) as exc:
-            logger.debug("Sending SUBSCRIBE failed (%s); the reader reconnects", exc)
-            self._outgoing.clear()
-            if conn is not None:
-                await self._drop(conn)
-        finally:
-            self._flusher = None
+        line = self._line
+        if line is None or line.lost:
+            # Lost meanwhile: its end released the waiters, and the next connection subscribes every
+            # user and channel still held. (A command meant for a lost connection is harmless on the next.)
+            outgoing.clear()
+            return
+        commands: list[tuple[bytes | str, ...]] = []
+        while outgoing:
+            command = outgoing[0][0]
+            channels: list[bytes] = []
+            while outgoing and outgoing[0][0] == command and len(channels) < _CHANNELS_PER_SUBSCRIBE:
+                channels.append(outgoing.popleft()[1])
+            commands.append((command, *channels))
+        line.write(commands)
 
     async def unsubscribe(self, user_id: str) -> None:
         self.users.discard(user_id)
-        conn = self._conn
-        if conn is not None:
+        if self._line is not None:
             self._queue("UNSUBSCRIBE", self._user_channel + user_id.encode())
 
     async def unsubscribe_channel(self, name: str) -> None:
         self.channels.discard(name)
-        conn = self._conn
-        if conn is not None:
+        if self._line is not None:
             self._queue("UNSUBSCRIBE", self._channel_channel + name.encode())
 
-    async def _send(
-        self, conn: AbstractConnection, command: str, args: Sequence[bytes], *, wait: bool = True
+    def _send(
+        self, line: Line, command: str, args: Sequence[bytes], *, wait: bool = True
     ) -> list[asyncio.Future[None]]:
+        if line is not self._line or line.lost:
+            return [_done()]
         waiters: list[asyncio.Future[None]] = []
-        async with self._write_lock:
-            if conn is not self._conn:
-                return [_done()]
-            if wait:
-                loop = asyncio.get_running_loop()
-                for channel in args:
-                    waiter: asyncio.Future[None] = loop.create_future()
-                    self._waiters.setdefault(channel, collections.deque()).append(waiter)
-                    waiters.append(waiter)
-            await conn.send_command(command, *args, check_health=False)
+        if wait:
+            loop = asyncio.get_running_loop()
+            for channel in args:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.setdefault(channel, collections.deque()).append(waiter)
+                waiters.append(waiter)
+        line.write([(command, *args)])
         return waiters
 
-    async def _drop(self, conn: AbstractConnection) -> None:
-        if conn is self._conn:
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
+    def _drop(self, line: Line) -> None:
+        if line is self._line:
+            line.close()
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -259,46 +247,50 @@ class PubSub:
         return self._stopping  # a method, since stop() flips the flag while _run() awaits
 
     async def _session(self, ready: asyncio.Future[None]) -> None:
-        conn = own_connection(self._client, name=self.name, connect_timeout=self._socket_timeout)
+        line: Line | None = None
         heartbeat: asyncio.Task[None] | None = None
         try:
-            await asyncio.wait_for(conn.connect(), self._op_timeout)  # type: ignore[no-untyped-call]
+            connecting = open_line(
+                self._client, name=self.name, connect_timeout=self._socket_timeout, on_reply=self._on_reply
+            )
+            line = await asyncio.wait_for(connecting, self._op_timeout)
             self._last_heard = time.monotonic()
+            self._buffer = []
             # From here on subscribe() sends its own SUBSCRIBE, so no user can fall between the two.
-            self._conn = conn
+            self._line = line
             channels = [self.ctl_channel, self._all_channel]
             channels.extend(self._user_channel + user.encode() for user in list(self.users))
             channels.extend(self._channel_channel + name.encode() for name in list(self.channels))
             pending: list[asyncio.Future[None]] = []
             for start in range(0, len(channels), _CHANNELS_PER_SUBSCRIBE):
-                pending += await self._send(conn, "SUBSCRIBE", channels[start : start + _CHANNELS_PER_SUBSCRIBE])
-            buffered: list[Record] = []
-            deadline = time.monotonic() + self._op_timeout
-            while not all(w.done() for w in pending):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("Redis did not confirm the subscriptions")
-                message = await conn.read_response(timeout=remaining)
-                if message is not None:
-                    self._handle(message, buffered)
-            await self._catch_up(buffered)
+                pending += self._send(line, "SUBSCRIBE", channels[start : start + _CHANNELS_PER_SUBSCRIBE])
+            confirmed = asyncio.gather(*pending)
+            either: set[asyncio.Future[Any]] = {confirmed, line.ended}
+            await asyncio.wait(either, timeout=self._op_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if line.error is not None:
+                raise line.error
+            if not confirmed.done():
+                raise TimeoutError("Redis did not confirm the subscriptions")
+            await self._catch_up()
             self.live = self._was_live = True
             if not ready.done():
                 ready.set_result(None)
             else:
                 logger.info("Redis pub/sub connection to %s restored", redact_url(self._url))
-            heartbeat = asyncio.create_task(self._heartbeat(conn), name="pomo-ws redis heartbeat")
+            heartbeat = asyncio.create_task(self._heartbeat(line), name="pomo-ws redis heartbeat")
             silence = 2 * self._heartbeat_interval + self._op_timeout
             while True:
-                message = await conn.read_response(timeout=self._heartbeat_interval)
-                if message is not None:
-                    self._handle(message, None)
-                elif time.monotonic() - self._last_heard > silence:
+                # Replies are handled as they arrive (`_on_reply`); this only watches for an end, or silence.
+                await asyncio.wait({line.ended}, timeout=self._heartbeat_interval)
+                if line.error is not None:
+                    raise line.error
+                if time.monotonic() - self._last_heard > silence:
                     raise TimeoutError(f"no answer from Redis pub/sub for {silence:.1f}s")
         finally:
             self.live = False
-            if self._conn is conn:
-                self._conn = None
+            self._buffer = None
+            if line is not None and self._line is line:
+                self._line = None
             if heartbeat is not None:
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -309,10 +301,10 @@ class PubSub:
                         waiter.set_result(None)  # the next connection resubscribes and catches up
             self._waiters.clear()
             self._barriers.clear()
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
+            if line is not None:
+                line.close()
 
-    async def _catch_up(self, buffered: list[Record]) -> None:
+    async def _catch_up(self) -> None:
         tracked = self.tracked
         if tracked is None:
             self.tracked = await self._position()
@@ -334,10 +326,11 @@ class PubSub:
                     if record.seq > tracked.seq:
                         self._emit(record)
                 self.tracked = position
+        buffered, self._buffer = self._buffer or [], None
         for record in buffered:
             self._accept(record)
 
-    async def _heartbeat(self, conn: AbstractConnection) -> None:
+    async def _heartbeat(self, line: Line) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_interval)
             barrier: Position | None = None
@@ -347,15 +340,19 @@ class PubSub:
                 logger.debug("Redis heartbeat could not read the position: %s", exc)
             token = str(next(self._ping_ids)).encode()
             self._barriers[token] = (barrier, self._epoch_switches)
-            try:
-                await self._send(conn, "PING", [token], wait=False)
-            except (RedisError, OSError):
-                return  # the reader notices
+            self._send(line, "PING", [token], wait=False)
 
     # -- what arrives -------------------------------------------------------------------------
 
-    def _handle(self, message: Any, buffered: list[Record] | None) -> None:
+    def _on_reply(self, message: Any) -> None:
+        """Each reply of the pub/sub connection, as it is parsed."""
+        if isinstance(message, Exception):
+            raise message  # an error reply: the connection ends, and the next one starts over
+        self._handle(message)
+
+    def _handle(self, message: Any) -> None:
         self._last_heard = time.monotonic()
+        buffered = self._buffer
         if not isinstance(message, list) or not message:
             return
         kind = message[0]
