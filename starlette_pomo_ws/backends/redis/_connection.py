@@ -9,9 +9,10 @@ machine (the pool, a retry wrapper, a task per socket write on Python 3.11, argu
 a connection of its own, packed by hand, about 110 µs. A coalescer sends one batch at a time, so
 one connection serves all its batches, in order.
 
-Once redis-py has connected (TLS, AUTH, SELECT, CLIENT SETNAME), `Direct` takes the transport over
-with a `Line`: replies are parsed as they arrive (by hiredis when it is installed) and hand the
-waiting caller its list in one step, with no stream reader, no read loop and no timeout per read.
+Once redis-py has connected one (TLS, AUTH, SELECT, CLIENT SETNAME), `open_line()` takes its
+transport over with a `Line`: replies are parsed as they arrive (by hiredis when it is installed,
+else by `Resp2Reader`) and go in one step to the waiting `Direct` caller, or to the pub/sub
+session's handler, with no stream reader, no read loop and no timeout per read.
 """
 
 from __future__ import annotations
@@ -238,9 +239,10 @@ class Direct:
 
     async def __call__(self, *commands: Command) -> list[Any]:
         line = self._line
+        if line is not None and line.lost:  # Redis closed it since the last call
+            line = self._line = None
         try:
-            if line is None or line.lost:
-                line = self._line = None
+            if line is None:
                 line = await open_line(self._client, name=self._name, connect_timeout=self._connect_timeout)
                 self._line = line
             replies = line.expect(len(commands))
