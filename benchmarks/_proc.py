@@ -250,3 +250,15 @@ class Http:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+
+async def request_once(port: int, method: str, path: str, timeout: float = 30.0) -> bytes:
+    """One request on a fresh connection (the server drops idle keep-alives); the body of a 200."""
+    http = await Http(port).open()
+    try:
+        status, body = await http.request(method, path, timeout)
+    finally:
+        await http.close()
+    if status != 200:
+        raise RuntimeError(f"{method} {path}: {status} {body[:200]!r}")
+    return body

@@ -47,14 +47,7 @@ async def main(n: int, fresh: bool) -> None:
 
 
 async def request(port: int, action: str) -> bytes:
-    http = await _proc.Http(port).open()  # a fresh one each time: the server drops idle keep-alives
-    try:
-        status, body = await http.request("POST", f"/bench/tracemalloc?action={action}", 300)
-        if status != 200:
-            raise RuntimeError(f"tracemalloc {action}: {status} {body[:200]!r}")
-        return body
-    finally:
-        await http.close()
+    return await _proc.request_once(port, "POST", f"/bench/tracemalloc?action={action}", 300)
 
 
 def cli(argv: list[str]) -> int:

@@ -20,14 +20,7 @@ from benchmarks import _proc, run
 
 
 async def gc_state(port: int) -> dict[str, float]:
-    http = await _proc.Http(port).open()
-    try:
-        status, body = await http.request("GET", "/bench/gc")
-    finally:
-        await http.close()
-    if status != 200:
-        raise run.SessionFailed(f"GET /bench/gc: {status} {body[:200]!r}")
-    state: dict[str, float] = json.loads(body)
+    state: dict[str, float] = json.loads(await _proc.request_once(port, "GET", "/bench/gc"))
     return state
 
 

@@ -7,6 +7,7 @@ Run: ``uvicorn benchmarks.pomo_app:app --ws websockets-sansio --ws-per-message-d
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -64,7 +65,6 @@ async def bench_user(request: Request) -> JSONResponse:
 async def bench_tracemalloc(request: Request) -> JSONResponse:
     """Diagnosis only (``BENCH_TRACEMALLOC=1``): ``?action=start`` takes a snapshot, ``?action=diff`` lists
     what was allocated since and is still alive, by source line."""
-    import gc
     import tracemalloc
 
     gc.collect()
@@ -83,7 +83,6 @@ async def ready(request: Request) -> JSONResponse:
 GC_PROBE = os.environ.get("BENCH_GC") == "1"  # diagnosis: time spent in garbage collection
 _gc = {"time": 0.0, "start": 0.0, "full": 0, "full_time": 0.0}
 if GC_PROBE:
-    import gc
 
     def _probe(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -99,8 +98,6 @@ if GC_PROBE:
 
 
 async def bench_gc(request: Request) -> JSONResponse:
-    import gc
-
     return JSONResponse({**_gc, "tracked": len(gc.get_objects()), "counts": gc.get_count()})
 
 

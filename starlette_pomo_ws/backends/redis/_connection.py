@@ -122,11 +122,14 @@ class Resp2Reader:
                 raise _Incomplete
             return bytes(buffer[at : at + size]), at + size + 2
         if kind == 42:  # *array, -1 for nil
+            count = int(line)
+            if count < 0:
+                return None, at
             items: list[Any] = []
-            for _ in range(int(line)):
+            for _ in range(count):
                 item, at = self._parse(at)
                 items.append(item)
-            return (items if int(line) >= 0 else None), at
+            return items, at
         raise InvalidResponse(f"Protocol error, got {bytes([kind])!r} as reply type byte")
 
 
@@ -151,9 +154,13 @@ class Line(asyncio.Protocol):
         self._waiter: asyncio.Future[list[Any]] | None = None
         self._expected = 0
         self._replies: list[Any] = []
-        self.lost = False  # closed, or closing
-        self.error: Exception | None = None  # why
+        self.error: Exception | None = None  # why it is closed, or closing
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once closed
+
+    @property
+    def lost(self) -> bool:
+        """Closed, or closing."""
+        return self.error is not None
 
     def expect(self, count: int) -> asyncio.Future[list[Any]]:
         assert self._waiter is None, "one caller at a time"
@@ -197,7 +204,6 @@ class Line(asyncio.Protocol):
     def _end(self, error: Exception) -> None:
         if self.error is None:
             self.error = error
-        self.lost = True
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)

@@ -348,9 +348,6 @@ class PubSub:
         """Each reply of the pub/sub connection, as it is parsed."""
         if isinstance(message, Exception):
             raise message  # an error reply: the connection ends, and the next one starts over
-        self._handle(message)
-
-    def _handle(self, message: Any) -> None:
         self._last_heard = time.monotonic()
         buffered = self._buffer
         if not isinstance(message, list) or not message:
