@@ -137,7 +137,7 @@ async def test_redis_closing_the_connection_fails_the_waiting_call_and_the_next_
     client: aioredis.Redis, line: Direct, key: str
 ) -> None:
     assert await line(("PING",)) == [b"PONG"]
-    with pytest.raises(redis.ConnectionError):
+    with anyio.fail_after(5), pytest.raises(redis.ConnectionError):
         await line(("QUIT",), ("GET", key))  # Redis answers QUIT's OK, then closes: GET has no reply
     assert await line(("ECHO", "again")) == [b"again"]
 
