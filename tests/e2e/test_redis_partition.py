@@ -1,6 +1,7 @@
 """Separate hosts: two app nodes and Redis, each in a network namespace of its own, joined by veth pairs.
 
-One node's link to Redis is cut for 10 s while the other keeps publishing to the first node's users.
+One node's link to Redis is cut for 10 s while the other keeps publishing to the first node's users and
+to a channel they subscribe to.
 The test talks to the nodes over Unix sockets (they cross namespaces), so it needs no address outside
 the namespaces it creates. Where namespaces cannot be made it is skipped with the reason; under CI
 (`CI=true`), as root with `ip` installed, it fails instead.
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUT_SECONDS = 10
+CHANNEL = "team:cut"
 
 
 def _ip(*args: str) -> None:
@@ -173,12 +175,14 @@ def http(path: pathlib.Path) -> httpx.AsyncClient:
 
 
 class Client:
-    """One user's socket on a node: records every event, and resumes from its last id after a 1012."""
+    """One user's socket on a node, subscribed to `CHANNEL`: records every event (its user's and the
+    channel's apart), and resumes from its last id, with its channel, after a 1012."""
 
     def __init__(self, path: pathlib.Path, user: str) -> None:
         self.path = path
         self.user = user
         self.numbers: list[int] = []
+        self.channel_numbers: list[int] = []
         self.resyncs = 0
         self.closes: list[int | None] = []
         self.last_id: str | None = None
@@ -187,19 +191,21 @@ class Client:
 
     async def run(self) -> None:
         while True:
-            query = f"token={make_token(self.user)}"
+            query = f"token={make_token(self.user, channels=['team:*'])}&channels={CHANNEL}"
             if self.last_id is not None:
                 query += f"&last_event_id={self.last_id}"
             try:
                 async with unix_connect(str(self.path), f"ws://node/ws?{query}") as ws:
                     self.ws = ws
-                    self.opened.set()
                     async for raw in ws:
                         event = json.loads(raw)
-                        if event["type"] == "RESYNC_REQUIRED":
+                        if event["type"] == "SUBSCRIBED":
+                            self.opened.set()  # the channel's events follow from here
+                        elif event["type"] == "RESYNC_REQUIRED":
                             self.resyncs += 1
                         elif event["type"] == "TASK_UPDATED":
-                            self.numbers.append(event["data"]["n"])
+                            received = self.channel_numbers if event.get("channel") == CHANNEL else self.numbers
+                            received.append(event["data"]["n"])
                         if "id" in event and event["type"] != "HEARTBEAT":
                             self.last_id = event["id"]
             except ConnectionClosed as closed:
@@ -234,6 +240,7 @@ async def _partition(hosts: Hosts, directory: pathlib.Path) -> None:
         users = [f"cut-{n}" for n in range(3)]
         clients = [Client(sockets["a"], user) for user in users]
         returned: dict[str, list[int]] = {user: [] for user in users}
+        returned_channel: list[int] = []  # the channel's events: every fourth publish
         publishing = anyio.Event()
         stop = anyio.Event()
         published_all = anyio.Event()
@@ -245,11 +252,10 @@ async def _partition(hosts: Hosts, directory: pathlib.Path) -> None:
                 while not stop.is_set():
                     n += 1
                     user = users[n % len(users)]
-                    response = await client.post(
-                        "/publish", json={"user": user, "type": "TASK_UPDATED", "data": {"n": n}}
-                    )
+                    target = {"channel": CHANNEL} if n % 4 == 0 else {"user": user}
+                    response = await client.post("/publish", json={**target, "type": "TASK_UPDATED", "data": {"n": n}})
                     assert response.status_code == 200, "node B's link is up: its publishes must work"
-                    returned[user].append(n)
+                    (returned_channel if "channel" in target else returned[user]).append(n)
                     publishing.set()
                     await anyio.sleep(0.02)
             published_all.set()  # the last publish, in flight when stop was set, has returned
@@ -266,14 +272,17 @@ async def _partition(hosts: Hosts, directory: pathlib.Path) -> None:
             hosts.cut("a")
             cut_at = time.monotonic()
             before_cut = sum(len(n) for n in returned.values())
+            channel_before_cut = len(returned_channel)
             with anyio.fail_after(CUT_SECONDS + 5):
                 while time.monotonic() - cut_at < CUT_SECONDS:
                     statuses_during_cut.append(await status(sockets["a"]))
                     await anyio.sleep(0.2)
             sockets_up = [client.ws is not None and not client.closes for client in clients]
             during_cut = sum(len(n) for n in returned.values()) - before_cut
+            channel_during_cut = len(returned_channel) - channel_before_cut
             # What node A's clients lack at the heal: the catch-up must bring it.
             missing_at_heal = sum(len(returned[c.user]) - len(c.numbers) for c in clients)
+            channel_missing_at_heal = sum(len(returned_channel) - len(c.channel_numbers) for c in clients)
             hosts.heal("a")
             with anyio.fail_after(20):
                 while await status(sockets["a"]) != "ok":  # noqa: ASYNC110  # another process's state
@@ -287,18 +296,28 @@ async def _partition(hosts: Hosts, directory: pathlib.Path) -> None:
                 await published_all.wait()
             with anyio.fail_after(15):
                 for client in clients:
-                    while not set(returned[client.user]) <= set(client.numbers) and not client.resyncs:  # noqa: ASYNC110
+                    while not client.resyncs and not (  # noqa: ASYNC110  # another process delivers
+                        set(returned[client.user]) <= set(client.numbers)
+                        and set(returned_channel) <= set(client.channel_numbers)
+                    ):
                         await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
 
     assert during_cut > 50, "node B kept publishing to node A's users during the cut"
     assert missing_at_heal > 50, "node A's clients cannot have heard node B during the cut"
+    assert channel_during_cut > 25, "node B kept publishing to the channel during the cut"
+    assert channel_missing_at_heal > 3 * 25, "node A's subscribers cannot have heard the channel during the cut"
     assert all(sockets_up), "node A's sockets must stay up while it cannot reach Redis"
     assert "degraded" in statuses_during_cut, f"node A never reported degraded: {statuses_during_cut}"
     for client in clients:
         got = client.numbers
         assert len(got) == len(set(got)), f"{client.user} got an event twice"
         assert set(got) <= set(returned[client.user]), f"{client.user} got another user's event"
+        channel = client.channel_numbers
+        assert len(channel) == len(set(channel)), f"{client.user} got a channel event twice"
+        assert set(channel) <= set(returned_channel), f"{client.user} got a channel event nobody published"
         if not client.resyncs:
             assert set(got) == set(returned[client.user]), f"{client.user} has a silent gap"
             assert got == sorted(got), f"{client.user} got events out of order"
+            assert set(channel) == set(returned_channel), f"{client.user} has a silent gap in {CHANNEL}"
+            assert channel == sorted(channel), f"{client.user} got {CHANNEL}'s events out of order"
