@@ -310,7 +310,7 @@ async def test_a_ready_sentinel_is_used_and_left_open() -> None:
 
     from starlette_pomo_ws import ConfigurationError
 
-    sentinel = Sentinel([("127.0.0.1", 26379), ("127.0.0.1", 26380)])  # type: ignore[no-untyped-call]  # redis-py
+    sentinel = Sentinel([("127.0.0.1", 26379), ("127.0.0.1", 26380)])  # type: ignore[no-untyped-call,unused-ignore]  # redis-py < 8.2
     backend = RedisBackend(sentinel=sentinel, service_name="cache", min_replicas=2)
     assert repr(backend).startswith("RedisBackend(url='redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/cache/0'")
     await backend.stop()

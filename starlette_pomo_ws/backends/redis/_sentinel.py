@@ -81,7 +81,7 @@ def sentinel_client(url: str, **connection: Any) -> tuple[Any, str]:
     }
     if parsed.sentinel_password is not None:
         sentinel_kwargs["password"] = parsed.sentinel_password
-    sentinel = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]  # redis-py < 8.2 leaves it unannotated
     extra: dict[str, Any] = {"db": parsed.db, "username": parsed.username, "password": parsed.password}
     if parsed.ssl:
         extra["ssl"] = True
