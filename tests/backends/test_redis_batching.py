@@ -105,6 +105,30 @@ async def test_concurrent_handshakes_share_round_trips(private: Any) -> None:
     await recorder.wait(lambda: record in recorder.records)
 
 
+async def connections_received(url: str) -> int:
+    """How many connections Redis accepted so far (`INFO stats`), the one asking included."""
+    admin = aioredis.Redis.from_url(url)
+    try:
+        return int((await admin.info("stats"))["total_connections_received"])
+    finally:
+        await admin.aclose()
+
+
+async def test_a_subscribe_storm_reads_retained_state_together_on_one_connection(private: Any) -> None:
+    """Each SUBSCRIBE reads its channel's retained event: 100 at once, and one read of 100 channels, open no
+    connection of their own (they used to take a pooled connection each) and get every channel's state."""
+    server, make = private
+    node, _ = await make()
+    kept = {f"team:{n}": await node.publish_to_channel(f"team:{n}", head(n), True) for n in range(0, 100, 2)}
+    assert await node.retained(["team:0", "team:1"]) == {"team:0": kept["team:0"]}  # its connection is open now
+    before = await connections_received(server.url)
+    singles = await asyncio.gather(*(node.retained([f"team:{n}"]) for n in range(100)))
+    together = await node.retained([f"team:{n}" for n in range(100)])
+    assert await connections_received(server.url) - before == 1, "only the test's own INFO connection is new"
+    assert singles == [{f"team:{n}": kept[f"team:{n}"]} if n % 2 == 0 else {} for n in range(100)]
+    assert together == kept
+
+
 async def test_calls_behind_a_hung_round_trip_fail_within_their_own_timeout(private: Any) -> None:
     server, make = private
     backend, _ = await make(socket_timeout=0.3)

@@ -190,6 +190,12 @@ class RedisBackend(Backend):
         self._positions: Coalescer[None, Position] = Coalescer(
             self._position_batch, what="read the position", timeout=self._op_timeout, limit=10_000
         )
+        # Every SUBSCRIBE reads its channel's retained state: a subscribe storm shares round trips and one
+        # connection, instead of taking a pooled connection each.
+        self._retained_line = Direct(client, name=f"{self._client_name}-retained", connect_timeout=socket_timeout)
+        self._retained: Coalescer[str, Record | None] = Coalescer(
+            self._retained_batch, what="read the retained events", timeout=self._op_timeout, limit=_RETAINED_BATCH
+        )
         self._presence = Presence(
             client,
             key_prefix=key_prefix,
@@ -248,6 +254,8 @@ class RedisBackend(Backend):
         await self._publish_line.close()
         await self._positions.close()
         await self._position_line.close()
+        await self._retained.close()
+        await self._retained_line.close()
         await self._presence.stop()
         await self._members.stop()
         self._command_ok = False
@@ -438,22 +446,30 @@ class RedisBackend(Backend):
     # -- channels' state ----------------------------------------------------------------------
 
     async def retained(self, channels: Sequence[str]) -> dict[str, Record]:
-        """The retained event of each channel that has one, in one round trip per 500 channels."""
-        kept: dict[str, Record] = {}
-        for start in range(0, len(channels), _RETAINED_BATCH):
-            batch = list(channels[start : start + _RETAINED_BATCH])
-            replies = await self._command(functools.partial(self._read_retained, batch), "read the retained events")
-            for channel, (epoch, seq, stamp, head) in zip(batch, replies, strict=True):
-                if head is not None:
-                    kept[channel] = Record(_text(epoch), int(seq), None, _text(head), int(stamp) / 1000, channel)
-        return kept
+        """The retained event of each channel that has one. The reads of every caller in the same moment
+        share round trips (up to 500 channels each) on the backend's own connection."""
+        records = await self._retained.many(channels)
+        return {channel: record for channel, record in zip(channels, records, strict=True) if record is not None}
 
-    async def _read_retained(self, channels: list[str]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                _ = pipe.hmget(f"{self.key_prefix}retained:{channel}", ["e", "s", "t", "h"])
-            replies: list[Any] = await pipe.execute()
-        return replies
+    async def _retained_batch(self, channels: list[str], timeout: float) -> list[Record | None]:
+        fields = ("e", "s", "t", "h")
+        commands = [("HMGET", f"{self.key_prefix}retained:{channel}", *fields) for channel in channels]
+
+        async def read() -> list[Any]:
+            replies = await self._retained_line(*commands)
+            for reply in replies:
+                if isinstance(reply, Exception):  # an error reply (a key of another type): BackendUnavailable
+                    raise reply
+            return replies
+
+        kept: list[Record | None] = []
+        for channel, (epoch, seq, stamp, head) in zip(
+            channels, await self._command(read, "read the retained events", timeout=timeout), strict=True
+        ):
+            kept.append(
+                None if head is None else Record(_text(epoch), int(seq), None, _text(head), int(stamp) / 1000, channel)
+            )
+        return kept
 
     # -- presence -----------------------------------------------------------------------------
 

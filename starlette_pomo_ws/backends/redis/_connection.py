@@ -3,7 +3,8 @@
 They are made like the pool's (same host or Sentinel-resolved primary, credentials, TLS), but speak
 RESP2 without decoding, with no socket timeout of their own: the caller bounds every wait.
 
-`Direct` carries the batches of one `Coalescer` (publishes, positions, presence, channel members).
+`Direct` carries the batches of one `Coalescer` (publishes, positions, presence, channel
+members, retained state).
 Through `Redis.execute_command` a script call costs about 190 µs of a node's CPU on our 2-core
 machine (the pool, a retry wrapper, a task per socket write on Python 3.11, argument encoding); on
 a connection of its own, packed by hand, about 110 µs. A coalescer sends one batch at a time, so
