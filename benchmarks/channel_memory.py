@@ -1,6 +1,6 @@
 """Diagnosis: what 10 channel subscriptions per connection keep alive in the server, by source line.
 
-``python -m benchmarks channel-memory [--n N] [--fresh]`` starts the package app with tracemalloc on
+``python -m benchmarks channel-memory [--n N] [--fresh] [--redis URL]`` starts the package app with tracemalloc on
 (``BENCH_TRACEMALLOC=1``), connects N connections (default 1,000), lets each send one message
 first (a ``PRESENCE`` request answered ``ERROR``; ``--fresh`` skips it), takes a snapshot, subscribes
 each to 10 channels of ``run.channel_layout``, and prints what is still allocated per connection.
@@ -17,12 +17,13 @@ import sys
 from benchmarks import _proc, run
 
 
-async def main(n: int, fresh: bool) -> None:
+async def main(n: int, fresh: bool, redis_url: str | None) -> None:
     _proc.raise_nofile(2 * n + 1024)
     gens = [run.LoadGen(i) for i in range(max(1, math.ceil(n / run.CONNS_PER_LOADGEN)))]
     for g in gens:
         await g.start()
-    s = run.Session("pomo", run.Config(n, "memory", False), run.MODES["quick"], gens, None)
+    backend = "redis" if redis_url else "memory"
+    s = run.Session("pomo", run.Config(n, backend, False), run.MODES["quick"], gens, redis_url)
     s.group = s.name = "channels"
     s.claims = run.CHANNEL_CLAIMS
     s.extra_env = {"BENCH_TRACEMALLOC": "1"}
@@ -37,7 +38,7 @@ async def main(n: int, fresh: bool) -> None:
         await run.subscribe(s, [[layout[g] for g in sl] for sl in s.slices])
         await asyncio.sleep(1)
         data = json.loads(await request(s.port, "diff"))
-        print(f"N={n}: {data['total'] / n:.0f} B per connection still allocated, by line:")
+        print(f"N={n}, {backend}: {data['total'] / n:.0f} B per connection still allocated, by line:")
         for top in data["top"]:
             print(f"{top['bytes'] / n:8.1f} B/conn {top['count']:8d} objects  {top['where']}")
     finally:
@@ -54,8 +55,9 @@ def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks channel-memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="connections (default 1,000)")
     parser.add_argument("--fresh", action="store_true", help="no first message: count what it keeps too")
+    parser.add_argument("--redis", metavar="URL", help="the package on Redis at URL (flushed!) instead of memory")
     args = parser.parse_args(argv)
-    asyncio.run(main(args.n, args.fresh))
+    asyncio.run(main(args.n, args.fresh, args.redis))
     return 0
 
 

@@ -644,8 +644,16 @@ def channel_layout(n: int, prefix: str = "bench:m") -> list[list[str]]:
     return [[f"{prefix}{k}.{(g * a) % n * blocks // n}" for k, a in enumerate(strides)] for g in range(n)]
 
 
-async def channels_run(n: int, mode: Mode, gens: list[LoadGen], rep: int, presence_members: int) -> dict[str, Any]:
-    """The channel figures of issue 12, on one package server (memory backend, deflate off).
+async def channels_run(
+    n: int,
+    mode: Mode,
+    gens: list[LoadGen],
+    rep: int,
+    presence_members: int,
+    backend: str = "memory",
+    redis_url: str | None = None,
+) -> dict[str, Any]:
+    """The channel figures of issue 12, on one package server (deflate off) on `backend`.
 
     1. N connections (users have 2) with a `channels` claim; RSS after 1 s idle;
     2. each SUBSCRIBEs to 10 channels of ``channel_layout``, pipelined, 64 connections in flight:
@@ -656,14 +664,14 @@ async def channels_run(n: int, mode: Mode, gens: list[LoadGen], rep: int, presen
     4. presence (when ``presence_members``): members join one presence channel in stages; at each
        stage a probe connection joins and leaves, and every message the server sends is counted.
     """
-    s = Session("pomo", Config(n, "memory", False), mode, gens, None)
-    s.group = s.name = "channels"
+    s = Session("pomo", Config(n, backend, False), mode, gens, redis_url)
+    s.group = s.name = f"channels-{backend}"
     s.claims = CHANNEL_CLAIMS
     s.extra_env = {"BENCH_PRESENCE_MAX": str(max(100, presence_members + 10))}
     broadcasts = max(FANOUT_BATCH, math.ceil(mode.channel_deliveries / n / FANOUT_BATCH) * FANOUT_BATCH)
     latency_events, interval = s.latency_plan(mode.paired_latency_events)
     target = f"/bench/channel/{FAN_CHANNEL}"
-    result: dict[str, Any] = {"kind": "channels", "n": n, "rep": rep, "rounds": [], "losses": 0}
+    result: dict[str, Any] = {"kind": "channels", "n": n, "backend": backend, "rep": rep, "rounds": [], "losses": 0}
     layout = channel_layout(n)
     try:
         await s.start_server()
@@ -843,7 +851,9 @@ def summarize_channels(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         if not run.get("ok"):
             continue
-        entry = out.setdefault(f"N={run['n']}", {"n": run["n"], "rounds": [], "runs": []})
+        backend = run.get("backend", "memory")
+        key = f"N={run['n']}" if backend == "memory" else f"N={run['n']} {backend}"
+        entry = out.setdefault(key, {"n": run["n"], "backend": backend, "rounds": [], "runs": []})
         entry["rounds"] += run["rounds"]
         entry["runs"].append(run)
     for entry in out.values():
@@ -875,7 +885,7 @@ def channels_markdown(csum: dict[str, Any]) -> list[str]:
     lines = [
         "## Channels (issue 12)",
         "",
-        "One package server (memory backend) with N connections that each subscribed to 10 channels "
+        "One package server (on each backend) with N connections that each subscribed to 10 channels "
         f"(N/10 channels of {MEMBERS_PER_CHANNEL} members; `channel_layout` in `benchmarks/run.py`) and to "
         f'`{FAN_CHANNEL}`. Each round runs a `broadcast_to_all` burst and a `broadcast_to_channel("{FAN_CHANNEL}")` '
         "burst to the same N connections, then paced single events of each; ratios are channel ÷ all per round, "
@@ -884,9 +894,9 @@ def channels_markdown(csum: dict[str, Any]) -> list[str]:
         "answered `ERROR`); *first message* is what that one message added over fresh connections (the server "
         "keeps the last message a connection received until its next one).",
         "",
-        "| N | rounds | fan-out CPU, all | channel | **ratio** | (min-max) | target | p50 all / channel | "
+        "| N | backend | rounds | fan-out CPU, all | channel | **ratio** | (min-max) | target | p50 all / channel | "
         "p99 all / channel | subscribes/s | CPU/subscribe | added memory/conn | target | first message |",
-        "| ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for e in csum.values():
         f = e["fanout_us"]
@@ -894,7 +904,8 @@ def channels_markdown(csum: dict[str, Any]) -> list[str]:
         mem = e["added_bytes_per_conn"]
         mem_ok = mem <= CHANNEL_TARGETS["added_bytes_per_conn"]
         lines.append(
-            f"| {e['n']:,} | {e['rounds']} | {f['all']:.2f} µs | {f['channel']:.2f} µs | **{f['ratio']:.3f}** | "
+            f"| {e['n']:,} | {e.get('backend', 'memory')} | {e['rounds']} | {f['all']:.2f} µs | "
+            f"{f['channel']:.2f} µs | **{f['ratio']:.3f}** | "
             f"{f['range'][0]:.2f}-{f['range'][1]:.2f} | ≤ {CHANNEL_TARGETS['fanout_ratio']} {'✅' if ok else '❌'} | "
             f"{e['p50_ms']['all']:.2f} / {e['p50_ms']['channel']:.2f} ms | "
             f"{e['p99_ms']['all']:.2f} / {e['p99_ms']['channel']:.2f} ms | {e['subscribes_per_s']:,.0f} | "
@@ -1145,7 +1156,8 @@ def markdown(
         f"{meta['started']} · {meta['machine']} · Python {meta['python']} · {server_label(meta)} "
         f"· Starlette {meta['starlette']} · repetitions: {meta['reps']} (interleaved) · "
         f"server pinned to CPU {_proc.SERVER_CPU}, {meta['loadgens']} load-generator process(es) + driver on CPU "
-        f"{_proc.CLIENT_CPU} · command: `{meta['command']}`",
+        f"{_proc.CLIENT_CPU}{' · Redis: ' + meta['redis_where'] if meta.get('redis_where') else ''} · "
+        f"command: `{meta['command']}`",
         "",
         "Values are medians over repetitions; **ratio** is the median of per-repetition ratios package ÷ baseline "
         "(baseline = the thinnest Starlette fan-out, `benchmarks/baseline_app.py`, same run, same load).",
@@ -1398,7 +1410,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", help="comma-separated connection counts (overrides the mode)")
     parser.add_argument("--reps", type=int, help="interleaved repetitions (overrides the mode)")
     parser.add_argument(
-        "--redis", metavar="URL", help="also run the package on Redis, e.g. redis://127.0.0.1:6379/14 (flushed!)"
+        "--redis",
+        metavar="URL",
+        help="also run the package on Redis, e.g. redis://127.0.0.1:6379/14 (flushed!), or `local`: a redis-server of "
+        "the benchmark's own, pinned to the load generators' core (as on a host of its own, it takes no CPU from the "
+        "server under test)",
     )
     parser.add_argument("--deflate", choices=["off", "on", "both"], help="permessage-deflate (overrides the mode)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for <mode>.json/.md/.png")
@@ -1445,7 +1461,7 @@ def server_label(meta: dict[str, Any]) -> str:
     return f"{server} {version(server)}"
 
 
-async def amain(args: argparse.Namespace) -> int:
+async def amain(args: argparse.Namespace, redis_label: str | None = None) -> int:
     mode = dataclasses.replace(MODES[args.mode], server=args.server)
     if args.presence_members is not None:
         mode = dataclasses.replace(mode, presence_members=args.presence_members)
@@ -1472,6 +1488,9 @@ async def amain(args: argparse.Namespace) -> int:
         "reps": reps,
         "apps": apps,
         "redis": bool(args.redis),
+        # Where Redis runs: a server the benchmark started on the load generators' core, or one it was given
+        # (its CPU time then comes from wherever the kernel schedules it, the server's core included).
+        "redis_where": (redis_label or "the one at --redis, unpinned") if args.redis else None,
         "loadgens": max(1, math.ceil(max(sizes) / CONNS_PER_LOADGEN)),
         "command": "python -m benchmarks run " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["run"] else sys.argv[1:]),
     }
@@ -1544,11 +1563,12 @@ async def amain(args: argparse.Namespace) -> int:
                         write_outputs(
                             meta, sessions, args.out, meta["mode"], chart_too=False, paired=paired, channels=channels
                         )
-                if "pomo" in apps and args.channels:
+                # The channel run on each backend: on Redis, every subscribe and every channel event crosses it.
+                for backend in backends if "pomo" in apps and args.channels else []:
                     t0 = time.monotonic()
-                    print(f"[rep {rep + 1}/{reps}] channels N={n} ...", end=" ", flush=True)
-                    members = mode.presence_members if rep == 0 and n == sizes[0] else 0
-                    c = await channels_run(n, mode, gens, rep, members)
+                    print(f"[rep {rep + 1}/{reps}] channels N={n} {backend} ...", end=" ", flush=True)
+                    members = mode.presence_members if rep == 0 and n == sizes[0] and backend == "memory" else 0
+                    c = await channels_run(n, mode, gens, rep, members, backend, args.redis)
                     channels.append(c)
                     if c["ok"]:
                         ratios = [r["fanout_us"]["channel"] / r["fanout_us"]["all"] for r in c["rounds"]]
@@ -1591,7 +1611,13 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(amain(parse_args(argv)))
+    args = parse_args(argv)
+    if args.redis != "local":
+        return asyncio.run(amain(args))
+    with _proc.own_redis(_proc.CLIENT_CPU) as url:
+        args.redis = url
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        return asyncio.run(amain(args, redis_label=f"its own redis-server on CPU {_proc.CLIENT_CPU} (port {port})"))
 
 
 if __name__ == "__main__":

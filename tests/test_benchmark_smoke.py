@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +140,44 @@ def test_smoke_channel_run_measures_fanout_memory_subscribes_and_presence(tmp_pa
             "PRESENCE_LEAVE": stage["changes"] // 2 * stage["members"],
         }
     assert "## Channels (issue 12)" in (tmp_path / "smoke.md").read_text()
+
+
+@pytest.mark.redis
+def test_smoke_redis_local_runs_its_own_redis_on_the_load_core_and_stops_it(tmp_path: Path) -> None:
+    """`--redis local`: the package on a redis-server the benchmark starts (off the server's core), in the paired
+    rounds and in the channel run, then stops it."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is missing (CI must install it)")
+        pytest.skip("redis-server is not installed")
+    options = ["--smoke", "--no-sessions", "--presence-members", "0", "--redis", "local", "--no-chart"]
+    proc = subprocess.run(
+        [*BENCH, *options, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    [run] = result["paired"]
+    assert run["ok"], run.get("error")
+    assert run["losses"] == 0
+    figures = result["paired_summary"]["N=100 deflate=off"]["figures"]
+    for key in ("fanout_us", "handshakes_per_s", "per_user_per_s"):
+        assert figures[key]["pomo-redis"] > 0, key
+        assert figures[key]["redis/memory"] > 0, key
+    runs = {run["backend"]: run for run in result["channels"]}
+    assert sorted(runs) == ["memory", "redis"]
+    assert all(run["ok"] and run["losses"] == 0 for run in runs.values()), runs
+    on_redis = result["channels_summary"]["N=100 redis"]
+    assert on_redis["subscribes_per_s"] > 0
+    assert on_redis["fanout_us"]["channel"] > 0 and on_redis["fanout_us"]["ratio"] > 0
+    where = result["meta"]["redis_where"]
+    match = re.fullmatch(r"its own redis-server on CPU 1 \(port (\d+)\)", where)
+    assert match, where
+    assert f"Redis: {where}" in (tmp_path / "smoke.md").read_text()
+    # Stopped on the way out: nothing answers on its port any more.
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(match.group(1))), 1):
+        pass
