@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,29 @@ def smoke(app: str, out: Path, env: dict[str, str] | None = None) -> subprocess.
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_bench(out: Path, *options: str, timeout: float = 90) -> dict[str, Any]:
+    """`python -m benchmarks run --smoke OPTIONS`, which must pass; its JSON results."""
+    proc = subprocess.run(
+        [*BENCH, "--smoke", *options, "--out", str(out), "--no-chart"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads((out / "smoke.json").read_text())
+    return result
+
+
+def the_paired_run(result: dict[str, Any]) -> dict[str, Any]:
+    """The run's one paired run, which completed and lost nothing."""
+    [run] = result["paired"]
+    assert run["ok"], run.get("error")
+    assert run["losses"] == 0
+    return run  # type: ignore[no-any-return]
 
 
 def run_smoke(app: str, out: Path) -> dict[str, object]:
@@ -70,31 +94,8 @@ def test_smoke_fails_on_a_lost_message(tmp_path: Path) -> None:
 
 def test_smoke_paired_rounds_measure_every_figure_for_every_server(tmp_path: Path) -> None:
     """Both apps and the floor app up at once: every paired figure has a value and a ratio, nothing is lost."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "run",
-            "--smoke",
-            "--no-sessions",
-            "--floor",
-            "--no-channels",
-            "--out",
-            str(tmp_path),
-            "--no-chart",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "smoke.json").read_text())
-    [run] = result["paired"]
-    assert run["ok"], run.get("error")
-    assert run["losses"] == 0
+    result = run_bench(tmp_path, "--no-sessions", "--floor", "--no-channels")
+    run = the_paired_run(result)
     assert len(run["rounds"]) == 2
     # Every connection of every server was closed and reopened in each handshake burst.
     assert run["burst"]["handshakes"] == 100
@@ -109,16 +110,7 @@ def test_smoke_paired_rounds_measure_every_figure_for_every_server(tmp_path: Pat
 
 def test_smoke_channel_run_measures_fanout_memory_subscribes_and_presence(tmp_path: Path) -> None:
     """The channel run: channel and all fan-out to the same connections, nothing lost; presence is O(members)."""
-    proc = subprocess.run(
-        [*BENCH, "--smoke", "--apps", "pomo", "--no-sessions", "--out", str(tmp_path), "--no-chart"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "smoke.json").read_text())
+    result = run_bench(tmp_path, "--apps", "pomo", "--no-sessions")
     [run] = result["channels"]
     assert run["ok"], run.get("error")
     assert run["losses"] == 0
@@ -150,20 +142,8 @@ def test_smoke_redis_local_runs_its_own_redis_on_the_load_core_and_stops_it(tmp_
         if os.environ.get("CI") == "true":
             pytest.fail("redis-server is missing (CI must install it)")
         pytest.skip("redis-server is not installed")
-    options = ["--smoke", "--no-sessions", "--presence-members", "0", "--redis", "local", "--no-chart"]
-    proc = subprocess.run(
-        [*BENCH, *options, "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "smoke.json").read_text())
-    [run] = result["paired"]
-    assert run["ok"], run.get("error")
-    assert run["losses"] == 0
+    result = run_bench(tmp_path, "--no-sessions", "--presence-members", "0", "--redis", "local", timeout=150)
+    the_paired_run(result)
     figures = result["paired_summary"]["N=100 deflate=off"]["figures"]
     for key in ("fanout_us", "handshakes_per_s", "per_user_per_s"):
         assert figures[key]["pomo-redis"] > 0, key
