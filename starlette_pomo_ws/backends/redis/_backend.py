@@ -28,7 +28,7 @@ from ..._settings import redact_url
 from ...exceptions import BackendUnavailable, ConfigurationError
 from ..base import Backend, Control, Deliver, History, Record
 from ._batch import Coalescer
-from ._connection import Direct
+from ._connection import Direct, raise_first_error
 from ._members import Change, Members
 from ._presence import Presence
 from ._pubsub import PubSub
@@ -455,12 +455,8 @@ class RedisBackend(Backend):
         fields = ("e", "s", "t", "h")
         commands = [("HMGET", f"{self.key_prefix}retained:{channel}", *fields) for channel in channels]
 
-        async def read() -> list[Any]:
-            replies = await self._retained_line(*commands)
-            for reply in replies:
-                if isinstance(reply, Exception):  # an error reply (a key of another type): BackendUnavailable
-                    raise reply
-            return replies
+        async def read() -> list[Any]:  # an error reply (a key of another type) becomes BackendUnavailable
+            return raise_first_error(await self._retained_line(*commands))
 
         kept: list[Record | None] = []
         for channel, (epoch, seq, stamp, head) in zip(

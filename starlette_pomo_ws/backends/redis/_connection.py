@@ -41,7 +41,7 @@ try:
 except ImportError:  # pragma: no cover - tested by setting HIREDIS_READER to None
     pass
 
-__all__ = ["Direct", "Line", "Resp2Reader", "open_line", "own_connection", "pack"]
+__all__ = ["Direct", "Line", "Resp2Reader", "open_line", "own_connection", "pack", "raise_first_error"]
 
 Command = Sequence[str | int | bytes]
 
@@ -232,6 +232,14 @@ async def open_line(
     return line
 
 
+def raise_first_error(replies: list[Any]) -> list[Any]:
+    """The replies, once none of them is an error reply; else the first error is raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 class Direct:
     """One connection for one caller at a time: `await direct(command, ...)` writes the commands at once
     and returns one reply per command, an error reply as its `ResponseError` (the connection stays in
@@ -272,10 +280,7 @@ class Direct:
         if isinstance(replies[0], NoScriptError):
             await self(("SCRIPT", "LOAD", script.source))
             replies = await self(*commands)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+        return raise_first_error(replies)
 
     async def close(self) -> None:
         line, self._line = self._line, None

@@ -98,11 +98,11 @@ class Members:
         return await self._batches(("", channel, user_id, 0))
 
     def _forget_locally(self, node_id: str, channel: str, user_id: str) -> bool:
-        channels = self.local.get(node_id)
-        users = channels.get(channel) if channels is not None else None
-        count = users.get(user_id, 0) if users is not None else 0
-        if channels is None or users is None or not count:
+        count = self._count(node_id, channel, user_id)
+        if not count:
             return False
+        channels = self.local[node_id]
+        users = channels[channel]
         if count > 1:
             users[user_id] = count - 1
         elif len(users) > 1:
