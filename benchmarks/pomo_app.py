@@ -98,7 +98,8 @@ if GC_PROBE:
 
 
 async def bench_gc(request: Request) -> JSONResponse:
-    return JSONResponse({**_gc, "tracked": len(gc.get_objects()), "counts": gc.get_count()})
+    collections = [stats["collections"] for stats in gc.get_stats()]
+    return JSONResponse({**_gc, "tracked": len(gc.get_objects()), "counts": gc.get_count(), "collections": collections})
 
 
 starlette_app = Starlette(

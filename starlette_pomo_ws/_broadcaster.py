@@ -66,7 +66,8 @@ class Broadcaster:
         self._signer: CursorSigner | None = None
         self._running = False
         self._accepting = False
-        # The outboxes whose socket is backed up (they have a writer task): the ticker checks their progress.
+        # The outboxes with a send in progress (a writer task, or a send under way): the ticker finishes the
+        # sends the server has completed, and checks that the others make progress.
         self.backed_up: dict[Outbox, None] = {}
         self._closers: set[asyncio.Task[None]] = set()
         # The token timers: (when, token, kind) entries name a token, never a connection, so that a
@@ -590,8 +591,7 @@ class Broadcaster:
     def _check_send_timeouts(self, now: float) -> None:
         limit = self.settings.send_timeout
         for outbox in tuple(self.backed_up):
-            if now - outbox.blocked_since > limit:
-                outbox._too_slow()
+            outbox.check(now, limit)
 
     def _check_expiries(self, now: float) -> None:
         heap = self._expiries

@@ -5,10 +5,15 @@ once and steps the awaitable it returns by one step:
 
 - When that step finishes the send (the socket keeps up: the common case), the message is out, at
   the cost of no task and no task switch.
-- When it does not (the server's flow control paused the socket, or the server completes sends on
-  another thread, as granian does), the rest of that send, and every message after it, belongs to
-  one writer task, and waits in a bounded backlog. A full backlog, or a writer that makes no
-  progress for `send_timeout`, marks the client as too slow (the connection then closes with 1013).
+- When that step yields a future of the server's own (not an asyncio one: the server completes the
+  send on another thread, as granian does), the send is *under way*. Nothing waits on it: no task,
+  and no wake-up of the event loop per socket when the server's thread completes it. The next
+  message for that socket, or the ticker within a second, finishes it (the rest of the send runs
+  then), and the socket is free again.
+- Otherwise (the server's flow control paused the socket), or when the next message comes while
+  a send is still under way, the rest of that send, and every message after it, belongs to one
+  writer task, and waits in a bounded backlog. A full backlog, or a send that makes no progress
+  for `send_timeout`, marks the client as too slow (the connection then closes with 1013).
 
 Any awaitable works: a coroutine, an asyncio future, or a server's own future-like object. Nothing
 here looks inside it: the writer task waits on whatever the first step yielded, exactly as it would
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import logging
 import time
@@ -50,10 +56,23 @@ class Outbox:
         send: the server's ASGI `send` for this socket.
         limit: how many messages may wait behind a paused send before the client counts as too slow.
         stats: where messages and bytes that go out later are counted (`put()`'s caller counts the rest).
-        backed_up: the outboxes that have a writer task; the ticker checks that they make progress.
+        backed_up: the outboxes with a send in progress (a writer task, or a send under way); the
+            ticker finishes the sends under way that the server has completed, and checks that the
+            others make progress.
     """
 
-    __slots__ = ("_backed_up", "_backlog", "_floor", "_limit", "_open", "_send", "_stats", "_writer", "blocked_since")
+    __slots__ = (
+        "_backed_up",
+        "_backlog",
+        "_floor",
+        "_limit",
+        "_open",
+        "_send",
+        "_stats",
+        "_underway",
+        "_writer",
+        "blocked_since",
+    )
 
     def __init__(self, send: Send, limit: int, stats: Stats, backed_up: dict[Outbox, None]) -> None:
         self._send = send
@@ -66,7 +85,10 @@ class Outbox:
         self._floor = 0  # messages with a seq at or below this went out in the replay
         self._open = True
         self._writer: asyncio.Task[None] | None = None
-        self.blocked_since = 0.0  # when the writer last started a send
+        # A send the server completes by itself, that nobody waits on: (its iterator, the server's
+        # future it yielded, its context, its size).
+        self._underway: tuple[Iterator[Any], Any, contextvars.Context, int] | None = None
+        self.blocked_since = 0.0  # when the send in progress started
 
     # Overridden by Connection.
     def _failed(self, exc: BaseException) -> None:
@@ -98,6 +120,9 @@ class Outbox:
         """
         if seq <= self._floor:
             return False  # already sent, in the replay of a resume
+        underway = self._underway
+        if underway is not None and not self._finish_underway(underway, context):
+            self._start_writer(*underway)  # still under way: this message waits behind it
         backlog = self._backlog
         if backlog is not None:
             if self._open:
@@ -114,12 +139,44 @@ class Outbox:
             return False
         if yielded is _DONE:
             return True
-        # The send did not finish in one step: the writer task finishes it, then sends what queues up.
-        self._backlog = collections.deque()
         self.blocked_since = time.monotonic()
         self._backed_up[self] = None
-        self._writer = asyncio.ensure_future(self._write(_rest_of(context, sending, yielded), size))
+        if _servers_own_future(yielded):
+            self._underway = (sending, yielded, context, size)
+        else:
+            self._start_writer(sending, yielded, context, size)
         return False
+
+    def _finish_underway(
+        self, underway: tuple[Iterator[Any], Any, contextvars.Context, int], current: contextvars.Context | None
+    ) -> bool:
+        """Finish the send under way once the server has completed it; False while it has not.
+
+        The rest of the send (a wrapper's code after its `await`) runs in the send's context, which may
+        be `current`, the one the caller runs in (a context cannot be entered twice).
+        """
+        sending, future, context, size = underway
+        if not future.done():
+            return False
+        self._underway = None
+        self._backed_up.pop(self, None)
+        try:
+            yielded = next(sending, _DONE) if context is current else context.run(next, sending, _DONE)
+        except Exception as exc:
+            self._failed(exc)
+            return True
+        if yielded is _DONE:
+            self.count(size)
+        else:
+            self._start_writer(sending, yielded, context, size)  # it waits on something else now
+        return True
+
+    def _start_writer(self, sending: Iterator[Any], yielded: Any, context: contextvars.Context, size: int) -> None:
+        """Hand the rest of a send that did not finish to the writer task, which then sends what queues up."""
+        self._underway = None
+        self._backlog = collections.deque()
+        self._backed_up[self] = None
+        self._writer = asyncio.ensure_future(self._write(_rest_of(context, sending, yielded), size))
 
     def start(self, messages: list[tuple[Message, int]], upto: int, context: contextvars.Context) -> None:
         """Send `messages` (the handshake's, and a resume's replay up to seq `upto`), then what waited.
@@ -144,6 +201,15 @@ class Outbox:
     def rebase(self, seq: int) -> None:
         """Live events continue after `seq` (a new epoch numbers its events anew): only those go out."""
         self._floor = seq
+
+    def check(self, now: float, limit: float) -> None:
+        """The ticker's look at a send in progress: finish it if the server has completed it, and mark the
+        client as too slow when it has waited more than `limit` seconds."""
+        underway = self._underway
+        if underway is not None and self._finish_underway(underway, None):
+            return
+        if now - self.blocked_since > limit:
+            self._too_slow()
 
     def count(self, size: int) -> None:
         stats = self._stats
@@ -176,6 +242,14 @@ class Outbox:
         """Send nothing more: drop what waits, and stop the writer's paused send (safe: it wrote nothing yet)."""
         self._open = False
         self._backlog = collections.deque()  # never None again: put() drops everything
+        underway, self._underway = self._underway, None
+        if underway is not None:
+            # The server has the message: let it finish, and unwind what waits on it (a wrapper) in its context.
+            sending, _, context, _ = underway
+            close = getattr(sending, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    context.run(close)
         # Here, not only in the writer's `finally`: a writer cancelled before its first step never runs.
         self._backed_up.pop(self, None)
         writer = self._writer
@@ -217,6 +291,14 @@ async def send_close(send: Send, code: int, reason: str) -> None:
             raise
         logger.debug("The server refused close code %d; sending %d", code, code + 3000)
         await send({"type": "websocket.close", "code": code + 3000, "reason": reason})
+
+
+def _servers_own_future(yielded: Any) -> bool:
+    """Whether a send's step yielded a future that the server completes by itself (granian's, from its own
+    threads), rather than an asyncio future, which the loop's own code completes, or a bare yield."""
+    if isinstance(yielded, asyncio.Future):
+        return False
+    return hasattr(yielded, "done") and hasattr(yielded, "add_done_callback")
 
 
 @types.coroutine

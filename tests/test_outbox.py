@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -27,10 +28,15 @@ class FutureLike:
     """What granian's `send` returns: an awaitable that is its own iterator, with no `send`/`throw`, which
     yields itself (an asyncio future-alike) until another thread completes it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float | None = 0.001) -> None:
         self._future: asyncio.Future[None] = loop.create_future()
-        loop.call_later(0.001, self._future.set_result, None)
+        if delay is not None:  # else it completes on complete()
+            loop.call_later(delay, self.complete)
         self._asyncio_future_blocking = False
+
+    def complete(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
 
     def __await__(self) -> FutureLike:
         return self
@@ -46,6 +52,9 @@ class FutureLike:
 
     def add_done_callback(self, callback: Any, *, context: contextvars.Context | None = None) -> None:
         self._future.add_done_callback(lambda _: callback(self), context=context)
+
+    def done(self) -> bool:
+        return self._future.done()
 
     def result(self) -> None:
         return None
@@ -134,7 +143,113 @@ async def test_a_full_backlog_calls_too_slow_and_nothing_more_is_sent() -> None:
     assert written == ["0"]
 
 
+def held_sends(loop: asyncio.AbstractEventLoop) -> tuple[list[str], list[FutureLike], Any]:
+    """A server `send` whose futures complete only when the test says so: (written, futures, send)."""
+    written: list[str] = []
+    futures: list[FutureLike] = []
+
+    def send(message: Message) -> FutureLike:
+        written.append(message["text"])
+        futures.append(FutureLike(loop, delay=None))
+        return futures[-1]
+
+    return written, futures, send
+
+
+def put(outbox: Outbox, context: contextvars.Context, text: str, seq: int) -> bool:
+    sent: bool = context.run(outbox.put, {"type": "websocket.send", "text": text}, len(text), seq, context)
+    return sent
+
+
+async def test_a_send_the_server_completes_by_itself_costs_no_task_and_the_next_message_finishes_it() -> None:
+    """granian completes sends on its own threads: waiting on each would cost a task and a wake-up of the
+    loop per socket. The send stays under way until the socket's next message (or the ticker) finds it done."""
+    loop = asyncio.get_running_loop()
+    written, futures, send = held_sends(loop)
+    stats = Stats()
+    backed_up: dict[Outbox, None] = {}
+    outbox = Recording(send, 100, stats, backed_up)
+    context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
+    tasks = len(asyncio.all_tasks())
+
+    assert not put(outbox, context, "one", 1)
+    assert written == ["one"] and len(asyncio.all_tasks()) == tasks and not outbox.backed_up
+    assert outbox in backed_up and stats.messages_sent == 0  # under way: counted once it is done
+
+    futures[0].complete()
+    assert not put(outbox, context, "two", 2)
+    assert written == ["one", "two"] and len(asyncio.all_tasks()) == tasks
+    assert (stats.messages_sent, stats.bytes_sent) == (1, 3)
+
+    outbox.check(time.monotonic(), 10.0)  # the ticker: "two" is not done yet, and not late
+    assert stats.messages_sent == 1 and outbox in backed_up and outbox.too_slow == 0
+    futures[1].complete()
+    outbox.check(time.monotonic(), 10.0)  # now the ticker finishes it, with no message after it
+    assert (stats.messages_sent, stats.bytes_sent) == (2, 6)
+    assert not backed_up and outbox.failures == []
+
+
+async def test_a_message_behind_a_send_still_under_way_waits_for_it_in_order() -> None:
+    loop = asyncio.get_running_loop()
+    written, futures, send = held_sends(loop)
+    stats = Stats()
+    outbox = Recording(send, 100, stats, {})
+    context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
+    put(outbox, context, "one", 1)
+    put(outbox, context, "two", 2)
+    put(outbox, context, "three", 3)
+    assert written == ["one"] and outbox.backed_up  # the writer owns the socket until "one" is done
+    for n in range(3):
+        futures[n].complete()
+        await wait_until(lambda: len(futures) > n + 1 or not outbox.backed_up, what="the next send")  # noqa: B023
+    assert written == ["one", "two", "three"] and stats.messages_sent == 3 and outbox.failures == []
+
+
+async def test_a_send_under_way_that_never_completes_marks_the_client_too_slow() -> None:
+    loop = asyncio.get_running_loop()
+    _, _, send = held_sends(loop)
+    outbox = Recording(send, 100, Stats(), {})
+    context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
+    put(outbox, context, "one", 1)
+    outbox.check(time.monotonic() + 5, 10.0)
+    assert outbox.too_slow == 0
+    outbox.check(time.monotonic() + 11, 10.0)  # the ticker, more than send_timeout later
+    assert outbox.too_slow == 1
+
+
 span: contextvars.ContextVar[str | None] = contextvars.ContextVar("span", default=None)
+
+
+async def test_a_wrapper_around_a_send_under_way_finishes_in_its_own_context() -> None:
+    """A tracing wrapper around granian's `send` (its span set before the await, reset after): the rest of
+    the wrapper runs in its own context when the ticker or a stop finishes it, never in the caller's."""
+    loop = asyncio.get_running_loop()
+    _, futures, server_send = held_sends(loop)
+    unwound: list[str] = []
+
+    async def traced(message: Message) -> None:
+        token = span.set(f"send {message['text']}")
+        try:
+            await server_send(message)
+        finally:
+            span.reset(token)  # raises ValueError if this runs in another context than the set()
+            unwound.append(message["text"])
+
+    outbox = Recording(traced, 100, Stats(), {})
+    context = contextvars.copy_context()  # the publisher's copy, as a fan-out makes
+    context.run(outbox.start, [], 0, context)
+    put(outbox, context, "finished", 1)
+    assert span.get() is None and unwound == []
+    futures[0].complete()
+    outbox.check(time.monotonic(), 10.0)  # the ticker, in a context of its own
+    assert unwound == ["finished"] and outbox.failures == []
+    put(outbox, contextvars.copy_context(), "stopped", 2)
+    assert len(futures) == 2 and unwound == ["finished"]
+    outbox.stop()  # closes the wrapper still waiting, in its own context
+    assert unwound == ["finished", "stopped"] and outbox.failures == [] and span.get() is None
 
 
 class Tracing:
