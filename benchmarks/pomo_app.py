@@ -99,6 +99,13 @@ if GC_PROBE:
 
 async def bench_gc(request: Request) -> JSONResponse:
     collections = [stats["collections"] for stats in gc.get_stats()]
+    if request.query_params.get("types"):  # what the collector tracks, by type: where a connection's objects are
+        counts: dict[str, int] = {}
+        for obj in gc.get_objects():
+            name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+            counts[name] = counts.get(name, 0) + 1
+        top = sorted(counts.items(), key=lambda item: -item[1])[:40]
+        return JSONResponse({"tracked": sum(counts.values()), "types": top})
     return JSONResponse({**_gc, "tracked": len(gc.get_objects()), "counts": gc.get_count(), "collections": collections})
 
 
