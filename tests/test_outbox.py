@@ -38,11 +38,15 @@ class FutureLike:
         if not self._future.done():
             self._future.set_result(None)
 
+    def fail(self, exc: Exception) -> None:
+        self._future.set_exception(exc)
+
     def __await__(self) -> FutureLike:
         return self
 
     def __next__(self) -> Any:
         if self._future.done():
+            self._future.result()  # a failed send raises here, as the server's would
             raise StopIteration
         self._asyncio_future_blocking = True
         return self
@@ -218,6 +222,43 @@ async def test_a_send_under_way_that_never_completes_marks_the_client_too_slow()
     assert outbox.too_slow == 0
     outbox.check(time.monotonic() + 11, 10.0)  # the ticker, more than send_timeout later
     assert outbox.too_slow == 1
+
+
+async def test_a_send_under_way_that_the_server_failed_reports_the_failure_and_counts_nothing() -> None:
+    loop = asyncio.get_running_loop()
+    written, futures, send = held_sends(loop)
+    stats = Stats()
+    outbox = Recording(send, 100, stats, {})
+    context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
+    put(outbox, context, "one", 1)
+    lost = ConnectionResetError("the peer went away")
+    futures[0].fail(lost)
+    outbox.check(time.monotonic(), 10.0)
+    assert outbox.failures == [lost] and stats.messages_sent == 0 and written == ["one"]
+
+
+async def test_a_send_that_waits_again_after_the_servers_future_goes_on_in_the_writer() -> None:
+    """A wrapper that awaits the server twice (two frames, say): once the first future is done, the rest
+    of the send is the writer's, and the socket is free once it has finished."""
+    loop = asyncio.get_running_loop()
+    written, futures, server_send = held_sends(loop)
+
+    async def twice(message: Message) -> None:
+        await server_send(message)
+        await server_send({**message, "text": message["text"] + " again"})
+
+    stats = Stats()
+    outbox = Recording(twice, 100, stats, {})
+    context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
+    put(outbox, context, "one", 1)
+    futures[0].complete()
+    outbox.check(time.monotonic(), 10.0)
+    assert outbox.backed_up and written == ["one", "one again"]
+    futures[1].complete()
+    await wait_until(lambda: not outbox.backed_up, what="the writer to finish the send")
+    assert stats.messages_sent == 1 and outbox.failures == []
 
 
 span: contextvars.ContextVar[str | None] = contextvars.ContextVar("span", default=None)
