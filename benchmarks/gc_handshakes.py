@@ -1,10 +1,13 @@
 """Diagnosis: how much of a handshake burst is garbage collection, on the memory backend and on Redis.
 
-``python -m benchmarks gc-handshakes [--n 10000] [--rounds 4] [--redis URL]`` starts the package app
-once per backend with a ``gc.callbacks`` probe (``BENCH_GC=1``), connects N connections (users have
-2), then, each round and on each server in turn, closes 1,000 of them, waits for the server to
-finish with them, and opens them again. It prints, per burst, handshakes/s, server CPU per
+``python -m benchmarks gc-handshakes [--n 10000] [--rounds 4] [--redis URL] [--freeze]`` starts the
+package app once per backend with a ``gc.callbacks`` probe (``BENCH_GC=1``), connects N connections
+(users have 2), then, each round and on each server in turn, closes 1,000 of them, waits for the
+server to finish with them, and opens them again. It prints, per burst, handshakes/s, server CPU per
 handshake, the part of it spent in garbage collection, and the full collections in the burst.
+
+With ``--freeze``, one more memory-backend server calls ``gc.freeze()`` once its N connections are
+open (what docs/performance.md suggests doing after start-up), and the summary compares the two.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ async def gc_state(port: int) -> dict[str, float]:
     return state
 
 
-async def main(n: int, rounds: int, redis_url: str | None, pause: float) -> None:
+async def main(n: int, rounds: int, redis_url: str | None, pause: float, freeze: bool = False) -> None:
     _proc.raise_nofile(4 * n + 1024)
     backends = ["memory", "redis"] if redis_url else ["memory"]
     gens = [run.LoadGen(i) for i in range(max(1, math.ceil(n / run.CONNS_PER_LOADGEN)))]
     sessions = [run.Session("pomo", run.Config(n, b, False), run.MODES["quick"], gens, redis_url) for b in backends]
+    if freeze:
+        frozen = run.Session("pomo", run.Config(n, "memory", False), run.MODES["quick"], gens, redis_url)
+        frozen.group = frozen.name = "pomo-memory-frozen"
+        sessions.append(frozen)
     for s in sessions:
         s.extra_env = {"BENCH_GC": "1"}
     count = min(n, 1000)
-    # Server CPU per handshake outside garbage collection, per backend.
-    rest: dict[str, list[float]] = {b: [] for b in backends}
+    # Per server: handshakes/s, and server CPU per handshake in and outside garbage collection.
+    figures: dict[str, dict[str, list[float]]] = {s.name: {"hs": [], "gc": [], "rest": []} for s in sessions}
     try:
         for g in gens:
             await g.start()
@@ -42,6 +49,8 @@ async def main(n: int, rounds: int, redis_url: str | None, pause: float) -> None
             _, connected = await s.connect(s.slices)
             if connected != n:
                 raise run.SessionFailed(f"{connected} of {n} connected")
+            if s.name.endswith("-frozen"):
+                await _proc.request_once(s.port, "GET", "/bench/gc?freeze=1")
         for r in range(rounds):
             for s in sessions:
                 before = await gc_state(s.port)
@@ -50,15 +59,21 @@ async def main(n: int, rounds: int, redis_url: str | None, pause: float) -> None
                 gc_us = (after["time"] - before["time"]) * 1e6 / count
                 full = int(after["full"] - before["full"])
                 full_s = after["full_time"] - before["full_time"]
-                rest[s.config.backend].append(cpu - gc_us)
+                for key, value in (("hs", hs), ("gc", gc_us), ("rest", cpu - gc_us)):
+                    figures[s.name][key].append(value)
                 print(
-                    f"round {r + 1} {s.config.backend:6}: {hs:6,.0f} handshakes/s, {cpu:5,.0f} µs CPU each, "
+                    f"round {r + 1} {s.name:18}: {hs:6,.0f} handshakes/s, {cpu:5,.0f} µs CPU each, "
                     f"{gc_us:4,.0f} µs of it collecting ({full} full, {full_s:.2f} s), "
                     f"{int(after['tracked']):,} objects tracked",
                     flush=True,
                 )
-        for backend, values in rest.items():
-            print(f"{backend}: median CPU per handshake outside garbage collection {statistics.median(values):,.0f} µs")
+        for name, values in figures.items():
+            hs, gc_us, rest = (statistics.median(values[key]) for key in ("hs", "gc", "rest"))
+            print(f"{name}: median {hs:,.0f} handshakes/s; CPU per handshake: {gc_us:,.0f} µs GC, {rest:,.0f} µs else")
+        if freeze:
+            plain, cold = figures["pomo-memory"]["hs"], figures["pomo-memory-frozen"]["hs"]
+            ratio = statistics.median(b / a for a, b in zip(plain, cold, strict=True))
+            print(f"frozen ÷ not frozen, handshakes/s: median of per-round ratios {ratio:.3f}")
     finally:
         for s in sessions:
             await s.stop()
@@ -72,8 +87,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="bursts per server (default 4)")
     parser.add_argument("--redis", default=None, help="also run on Redis at this URL (its database is flushed)")
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between the closes and the reconnects")
+    parser.add_argument("--freeze", action="store_true", help="add a memory server that calls gc.freeze() once full")
     args = parser.parse_args(argv)
-    asyncio.run(main(args.n, args.rounds, args.redis, args.pause))
+    asyncio.run(main(args.n, args.rounds, args.redis, args.pause, args.freeze))
     return 0
 
 

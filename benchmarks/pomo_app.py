@@ -99,6 +99,8 @@ if GC_PROBE:
 
 async def bench_gc(request: Request) -> JSONResponse:
     collections = [stats["collections"] for stats in gc.get_stats()]
+    if request.query_params.get("freeze"):  # what `gc.freeze()` after start-up would do for a user
+        gc.freeze()
     if request.query_params.get("types"):  # what the collector tracks, by type: where a connection's objects are
         counts: dict[str, int] = {}
         for obj in gc.get_objects():

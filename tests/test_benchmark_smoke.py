@@ -161,3 +161,36 @@ def test_smoke_redis_local_runs_its_own_redis_on_the_load_core_and_stops_it(tmp_
     # Stopped on the way out: nothing answers on its port any more.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(match.group(1))), 1):
         pass
+
+
+def test_gc_handshakes_freeze_adds_a_server_whose_connections_the_collector_no_longer_walks() -> None:
+    """`python -m benchmarks gc-handshakes --freeze`: one more memory server calls `gc.freeze()` once its
+    connections are open; the collector then tracks far fewer objects there, and the summary compares both."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "gc-handshakes",
+            "--n",
+            "200",
+            "--rounds",
+            "2",
+            "--pause",
+            "0.1",
+            "--freeze",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tracked: dict[str, list[int]] = {}
+    for name, count in re.findall(r"^round \d+ (\S+)\s*:.*?([\d,]+) objects tracked$", proc.stdout, re.MULTILINE):
+        tracked.setdefault(name, []).append(int(count.replace(",", "")))
+    assert set(tracked) == {"pomo-memory", "pomo-memory-frozen"} and all(len(v) == 2 for v in tracked.values())
+    # 200 open connections keep about 100 tracked objects each; frozen, they are out of every collection.
+    assert max(tracked["pomo-memory-frozen"]) < min(tracked["pomo-memory"]) / 2, proc.stdout
+    assert "frozen ÷ not frozen, handshakes/s" in proc.stdout
