@@ -286,15 +286,19 @@ class PomoWS:
             broadcaster.stats.rejected["limit"] += 1
             await _refuse(send, subprotocol, 1008, "Too many connections for this user")
             return
+        query = connection_info.query_params
+        last_event_id = query.get("last_event_id")
+        channels = [name for name in query.get("channels", "").split(",") if name]
+        # This frame lives as long as the socket: every object it holds is walked by each full garbage
+        # collection, 10,000 times over at 10,000 sockets.
+        del connection_info, query
         try:
             await send({"type": "websocket.accept", "subprotocol": subprotocol})
             broadcaster.stats.accepted += 1
             await connection.accepted()
             logger.info("WebSocket connected: user %r, connection %s", connection.user_id, connection.id)
             try:
-                query = connection_info.query_params
-                channels = [name for name in query.get("channels", "").split(",") if name]
-                await broadcaster.establish(connection, query.get("last_event_id"), channels)
+                await broadcaster.establish(connection, last_event_id, channels)
             except Exception:
                 logger.exception("Could not establish connection %s", connection.id)
                 connection.abort(1011, "Internal error")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from typing import Any
 
@@ -237,3 +238,21 @@ async def test_health_over_http_without_the_lifespan() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         response = await client.get("/ws/health/")
     assert response.status_code == 503
+
+
+async def test_an_open_socket_keeps_none_of_its_handshake_request_objects() -> None:
+    """The handler's frame lives as long as its socket. The `HTTPConnection` and query the token and the
+    resume were read from are gone once the socket is established: at 10,000 sockets each object kept per
+    socket is walked 10,000 times by every full garbage collection."""
+    pomo = PomoWS(make_settings())
+    async with LifespanManager(make_app(pomo)) as manager:
+        sockets = [
+            Socket(manager.app, "/ws", {"token": make_token(f"u{n}"), "last_event_id": "", "channels": ""})
+            for n in range(3)
+        ]
+        for ws in sockets:
+            established = await ws.next_json()
+            assert established is not None and established["type"] == "CONNECTION_ESTABLISHED"
+        assert pomo.broadcaster.total_connection_count() == 3
+        kept = [obj for obj in gc.get_objects() if type(obj) is HTTPConnection]
+        assert kept == []
