@@ -32,8 +32,9 @@ async def main(n: int, rounds: int, redis_url: str | None, pause: float, freeze:
     backends = ["memory", "redis"] if redis_url else ["memory"]
     gens = [run.LoadGen(i) for i in range(max(1, math.ceil(n / run.CONNS_PER_LOADGEN)))]
     sessions = [run.Session("pomo", run.Config(n, b, False), run.MODES["quick"], gens, redis_url) for b in backends]
+    frozen: run.Session | None = None
     if freeze:
-        frozen = run.Session("pomo", run.Config(n, "memory", False), run.MODES["quick"], gens, redis_url)
+        frozen = run.Session("pomo", run.Config(n, "memory", False), run.MODES["quick"], gens, None)
         frozen.group = frozen.name = "pomo-memory-frozen"
         sessions.append(frozen)
     for s in sessions:
@@ -49,7 +50,7 @@ async def main(n: int, rounds: int, redis_url: str | None, pause: float, freeze:
             _, connected = await s.connect(s.slices)
             if connected != n:
                 raise run.SessionFailed(f"{connected} of {n} connected")
-            if s.name.endswith("-frozen"):
+            if s is frozen:
                 await _proc.request_once(s.port, "GET", "/bench/gc?freeze=1")
         for r in range(rounds):
             for s in sessions:
@@ -70,7 +71,7 @@ async def main(n: int, rounds: int, redis_url: str | None, pause: float, freeze:
         for name, values in figures.items():
             hs, gc_us, rest = (statistics.median(values[key]) for key in ("hs", "gc", "rest"))
             print(f"{name}: median {hs:,.0f} handshakes/s; CPU per handshake: {gc_us:,.0f} µs GC, {rest:,.0f} µs else")
-        if freeze:
+        if frozen is not None:
             plain, cold = figures["pomo-memory"]["hs"], figures["pomo-memory-frozen"]["hs"]
             ratio = statistics.median(b / a for a, b in zip(plain, cold, strict=True))
             print(f"frozen ÷ not frozen, handshakes/s: median of per-round ratios {ratio:.3f}")

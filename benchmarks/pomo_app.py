@@ -98,7 +98,6 @@ if GC_PROBE:
 
 
 async def bench_gc(request: Request) -> JSONResponse:
-    collections = [stats["collections"] for stats in gc.get_stats()]
     if request.query_params.get("freeze"):  # what `gc.freeze()` after start-up would do for a user
         gc.freeze()
     if request.query_params.get("types"):  # what the collector tracks, by type: where a connection's objects are
@@ -108,6 +107,7 @@ async def bench_gc(request: Request) -> JSONResponse:
             counts[name] = counts.get(name, 0) + 1
         top = sorted(counts.items(), key=lambda item: -item[1])[:40]
         return JSONResponse({"tracked": sum(counts.values()), "types": top})
+    collections = [stats["collections"] for stats in gc.get_stats()]
     return JSONResponse({**_gc, "tracked": len(gc.get_objects()), "counts": gc.get_count(), "collections": collections})
 
 

@@ -140,9 +140,9 @@ class Outbox:
         if yielded is _DONE:
             return True
         self.blocked_since = time.monotonic()
-        self._backed_up[self] = None
         if _servers_own_future(yielded):
             self._underway = (sending, yielded, context, size)
+            self._backed_up[self] = None
         else:
             self._start_writer(sending, yielded, context, size)
         return False

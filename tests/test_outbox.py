@@ -165,16 +165,22 @@ def put(outbox: Outbox, context: contextvars.Context, text: str, seq: int) -> bo
     return sent
 
 
+def started(send: Any, backed_up: dict[Outbox, None] | None = None) -> tuple[Recording, Stats, contextvars.Context]:
+    """An outbox past its handshake, with its stats and the context a fan-out would put into it in."""
+    stats = Stats()
+    outbox = Recording(send, 100, stats, {} if backed_up is None else backed_up)
+    context = contextvars.copy_context()
+    context.run(outbox.start, [], 0, context)
+    return outbox, stats, context
+
+
 async def test_a_send_the_server_completes_by_itself_costs_no_task_and_the_next_message_finishes_it() -> None:
     """granian completes sends on its own threads: waiting on each would cost a task and a wake-up of the
     loop per socket. The send stays under way until the socket's next message (or the ticker) finds it done."""
     loop = asyncio.get_running_loop()
     written, futures, send = held_sends(loop)
-    stats = Stats()
     backed_up: dict[Outbox, None] = {}
-    outbox = Recording(send, 100, stats, backed_up)
-    context = contextvars.copy_context()
-    context.run(outbox.start, [], 0, context)
+    outbox, stats, context = started(send, backed_up)
     tasks = len(asyncio.all_tasks())
 
     assert not put(outbox, context, "one", 1)
@@ -197,10 +203,7 @@ async def test_a_send_the_server_completes_by_itself_costs_no_task_and_the_next_
 async def test_a_message_behind_a_send_still_under_way_waits_for_it_in_order() -> None:
     loop = asyncio.get_running_loop()
     written, futures, send = held_sends(loop)
-    stats = Stats()
-    outbox = Recording(send, 100, stats, {})
-    context = contextvars.copy_context()
-    context.run(outbox.start, [], 0, context)
+    outbox, stats, context = started(send)
     put(outbox, context, "one", 1)
     put(outbox, context, "two", 2)
     put(outbox, context, "three", 3)
@@ -214,9 +217,7 @@ async def test_a_message_behind_a_send_still_under_way_waits_for_it_in_order() -
 async def test_a_send_under_way_that_never_completes_marks_the_client_too_slow() -> None:
     loop = asyncio.get_running_loop()
     _, _, send = held_sends(loop)
-    outbox = Recording(send, 100, Stats(), {})
-    context = contextvars.copy_context()
-    context.run(outbox.start, [], 0, context)
+    outbox, _, context = started(send)
     put(outbox, context, "one", 1)
     outbox.check(time.monotonic() + 5, 10.0)
     assert outbox.too_slow == 0
@@ -227,10 +228,7 @@ async def test_a_send_under_way_that_never_completes_marks_the_client_too_slow()
 async def test_a_send_under_way_that_the_server_failed_reports_the_failure_and_counts_nothing() -> None:
     loop = asyncio.get_running_loop()
     written, futures, send = held_sends(loop)
-    stats = Stats()
-    outbox = Recording(send, 100, stats, {})
-    context = contextvars.copy_context()
-    context.run(outbox.start, [], 0, context)
+    outbox, stats, context = started(send)
     put(outbox, context, "one", 1)
     lost = ConnectionResetError("the peer went away")
     futures[0].fail(lost)
@@ -248,10 +246,7 @@ async def test_a_send_that_waits_again_after_the_servers_future_goes_on_in_the_w
         await server_send(message)
         await server_send({**message, "text": message["text"] + " again"})
 
-    stats = Stats()
-    outbox = Recording(twice, 100, stats, {})
-    context = contextvars.copy_context()
-    context.run(outbox.start, [], 0, context)
+    outbox, stats, context = started(twice)
     put(outbox, context, "one", 1)
     futures[0].complete()
     outbox.check(time.monotonic(), 10.0)
@@ -279,9 +274,7 @@ async def test_a_wrapper_around_a_send_under_way_finishes_in_its_own_context() -
             span.reset(token)  # raises ValueError if this runs in another context than the set()
             unwound.append(message["text"])
 
-    outbox = Recording(traced, 100, Stats(), {})
-    context = contextvars.copy_context()  # the publisher's copy, as a fan-out makes
-    context.run(outbox.start, [], 0, context)
+    outbox, _, context = started(traced)
     put(outbox, context, "finished", 1)
     assert span.get() is None and unwound == []
     futures[0].complete()
