@@ -205,7 +205,8 @@ async def test_a_message_behind_a_send_still_under_way_waits_for_it_in_order() -
     written, futures, send = held_sends(loop)
     outbox, stats, context = started(send)
     put(outbox, context, "one", 1)
-    assert not outbox.backed_up  # under way, and nothing waits on it yet
+    writer_after_one = outbox.backed_up
+    assert not writer_after_one  # under way, and nothing waits on it yet
     put(outbox, context, "two", 2)
     put(outbox, context, "three", 3)
     assert written == ["one"] and outbox.backed_up  # the writer owns the socket until "one" is done
