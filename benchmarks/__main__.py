@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("run", "micro", "merge", "channel-memory", "gc-handshakes")
+COMMANDS = ("run", "micro", "merge", "channel-memory", "gc-handshakes", "redis-floor")
 
 
 def main(argv: list[str]) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str]) -> int:
         print("       python -m benchmarks micro [--n 1000] [--reps 30]   (send-path micro-benchmark)")
         print("       python -m benchmarks channel-memory [--n 1000]   (what channel subscriptions keep, by line)")
         print("       python -m benchmarks gc-handshakes [--n 10000] [--redis URL]   (collection time in handshakes)")
+        print("       python -m benchmarks redis-floor [--n 1000]   (publish CPU on Redis vs a bare client)")
         print("see `python -m benchmarks run --help` and docs/performance.md")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "micro":
@@ -28,6 +29,10 @@ def main(argv: list[str]) -> int:
         from benchmarks import gc_handshakes
 
         return gc_handshakes.cli(argv[1:])
+    if argv[0] == "redis-floor":
+        from benchmarks import redis_floor
+
+        return redis_floor.cli(argv[1:])
     from benchmarks import run
 
     if argv[0] == "merge":

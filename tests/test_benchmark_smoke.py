@@ -194,3 +194,25 @@ def test_gc_handshakes_freeze_adds_a_server_whose_connections_the_collector_no_l
     # 200 open connections keep about 100 tracked objects each; frozen, they are out of every collection.
     assert max(tracked["pomo-memory-frozen"]) < min(tracked["pomo-memory"]) / 2, proc.stdout
     assert "frozen ÷ not frozen, handshakes/s" in proc.stdout
+
+
+def test_redis_floor_compares_the_package_on_redis_with_memory_and_with_the_thinnest_client() -> None:
+    """`python -m benchmarks redis-floor`: every burst delivers all its events (it raises otherwise), and
+    the summary gives the node's CPU per call for each publisher, one at a time and 8 at once."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "redis-floor", "--n", "100", "--rounds", "2", "--calls", "200"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) µs \| ([\d.]+) µs \| (-?[\d.]+) µs \| ([\d.]+) µs \|$", proc.stdout, re.M)
+    assert [int(row[0]) for row in rows] == [1, 8], proc.stdout
+    for _, memory, redis, _, floor in rows:
+        # Every publisher did real work; a Redis round trip costs the node more than none.
+        assert 0 < float(memory) < float(redis) and float(floor) > 0, proc.stdout
+    line = r"^round \d callers=\d: CPU µs per call: memory [\d.]+, redis [\d.]+, floor [\d.]+$"
+    rounds = re.findall(line, proc.stdout, re.M)
+    assert len(rounds) == 4, proc.stdout
