@@ -38,6 +38,7 @@ from benchmarks import _proc
 
 SECRET = "redis-floor-benchmark-secret-0123456789"
 CONCURRENCIES = (1, 8)
+_MESSAGE = b"$7\r\nmessage\r\n"  # how each pub/sub message starts
 # (one call, the events delivered so far, empty the test sockets' queues)
 Publisher = tuple[Callable[[int], Awaitable[Any]], Callable[[], int], Callable[[], None]]
 
@@ -67,12 +68,15 @@ class _Messages(asyncio.Protocol):
         self.count = 0
         self.transport: asyncio.Transport | None = None
         self.subscribed = asyncio.get_running_loop().create_future()
+        self._tail = b""  # the end of the last read, shorter than a marker: a marker split across reads counts once
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.count += data.count(b"$7\r\nmessage\r\n")
+        data = self._tail + data
+        self.count += data.count(_MESSAGE)
+        self._tail = data[-(len(_MESSAGE) - 1) :]
         if not self.subscribed.done() and b"subscribe" in data:
             self.subscribed.set_result(None)
 
