@@ -439,6 +439,22 @@ async def test_start_fails_fast_when_redis_is_unreachable(redis_server_factory: 
     assert not backend.connected
 
 
+async def test_stop_ends_the_pubsub_session_even_when_its_cancellation_is_lost(redis_factory: Factory) -> None:
+    """`wait_for` on Python 3.10 and 3.11 drops a cancellation that arrives as the awaited call completes.
+    The pub/sub session must still end when the backend stops: a session that kept running held a
+    backend's stop() (and a test teardown under CI) forever."""
+    backend, _ = await redis_factory()
+    pubsub = backend._pubsub
+    runner = pubsub._runner
+    assert runner is not None and backend.connected
+    pubsub._runner = None  # stop() does not cancel it: as if its cancellation had been lost
+    with anyio.fail_after(5):
+        await backend.stop()
+        await asyncio.wait({runner})
+    assert not runner.cancelled() and runner.exception() is None
+    assert not backend.connected
+
+
 @pytest.mark.slow
 async def test_restart_with_aof_loses_nothing_and_without_persistence_resyncs(
     redis_server_factory: Callable[..., RedisServer], redis_factory: Factory

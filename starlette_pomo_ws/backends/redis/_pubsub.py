@@ -119,6 +119,10 @@ class PubSub:
 
     async def stop(self) -> None:
         self._stopping = True
+        # Closing the connection ends the session even when its cancellation is lost: `wait_for` on
+        # Python 3.10 and 3.11 drops one that arrives as the awaited call completes.
+        if self._line is not None:
+            self._line.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
@@ -254,6 +258,8 @@ class PubSub:
                 self._client, name=self.name, connect_timeout=self._socket_timeout, on_reply=self._on_reply
             )
             line = await asyncio.wait_for(connecting, self._op_timeout)
+            if self._is_stopping():  # stop() came as the connection did, and its cancellation was lost
+                return
             self._last_heard = time.monotonic()
             self._buffer = []
             # From here on subscribe() sends its own SUBSCRIBE, so no user can fall between the two.
@@ -279,7 +285,7 @@ class PubSub:
                 logger.info("Redis pub/sub connection to %s restored", redact_url(self._url))
             heartbeat = asyncio.create_task(self._heartbeat(line), name="pomo-ws redis heartbeat")
             silence = 2 * self._heartbeat_interval + self._op_timeout
-            while True:
+            while not self._is_stopping():
                 # Replies are handled as they arrive (`_on_reply`); this only watches for an end, or silence.
                 await asyncio.wait({line.ended}, timeout=self._heartbeat_interval)
                 if line.error is not None:
