@@ -455,6 +455,20 @@ async def test_stop_ends_the_pubsub_session_even_when_its_cancellation_is_lost(r
     assert not backend.connected
 
 
+async def test_a_heartbeat_whose_cancellation_is_lost_ends_with_its_connection(redis_factory: Factory) -> None:
+    """The session's `finally` awaits its heartbeat after cancelling it; a heartbeat that missed the
+    cancellation (as its position read completed) must still end, or the session never ends."""
+    backend, _ = await redis_factory(heartbeat_interval=0.05)
+    pubsub = backend._pubsub
+    line = pubsub._line
+    assert line is not None
+    beat = asyncio.ensure_future(pubsub._heartbeat(line))  # a heartbeat that nobody will cancel
+    await backend.stop()
+    with anyio.fail_after(5):
+        await asyncio.wait({beat})
+    assert not beat.cancelled() and beat.exception() is None
+
+
 @pytest.mark.slow
 async def test_restart_with_aof_loses_nothing_and_without_persistence_resyncs(
     redis_server_factory: Callable[..., RedisServer], redis_factory: Factory

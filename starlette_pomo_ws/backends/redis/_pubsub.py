@@ -337,7 +337,9 @@ class PubSub:
             self._accept(record)
 
     async def _heartbeat(self, line: Line) -> None:
-        while True:
+        # Until the session lets go of its line: a heartbeat whose cancellation was lost (as the position
+        # read completed) still ends, and the session's `finally`, which awaits it, does not hang.
+        while line is self._line:
             await asyncio.sleep(self._heartbeat_interval)
             barrier: Position | None = None
             try:
