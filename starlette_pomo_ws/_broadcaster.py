@@ -82,7 +82,9 @@ class Broadcaster:
         self.channels = Channels(self, authorize_channel)
         self._last_all = 0.0
         self._user_activity: dict[str, float] = {}
-        self._last_id: tuple[int, str] = (0, "")
+        # The ids of the events fanned out lately, by seq: a publisher whose event came back through
+        # the backend (a batch on Redis) takes its id from here instead of signing it again.
+        self._recent_ids: dict[int, tuple[str, str]] = {}
         self.stats = Stats()
 
     def __repr__(self) -> str:
@@ -205,8 +207,10 @@ class Broadcaster:
             self.stats.backend_errors += 1
             raise
         self.stats.broadcast_duration.observe(time.perf_counter() - started)
-        seq, event_id = self._last_id
-        if seq != record.seq:
+        recent = self._recent_ids.pop(record.seq, None)
+        if recent is not None and recent[0] == record.epoch:
+            event_id = recent[1]
+        else:
             event_id = self._sign(record.epoch, record.seq, user_id)
         return Event(type, user_id, data, timestamp, event_id, channel)
 
@@ -219,7 +223,10 @@ class Broadcaster:
         seq = record.seq
         user_id = record.user_id
         event_id = self._sign(record.epoch, seq, user_id)
-        self._last_id = (seq, event_id)
+        recent = self._recent_ids
+        if len(recent) >= 256:  # ids no publisher of this node waits for: other nodes' events
+            recent.clear()
+        recent[seq] = (record.epoch, event_id)
         text = with_id(record.head, event_id)
         message = {"type": "websocket.send", "text": text}
         size = wire_size(text)

@@ -157,3 +157,25 @@ async def test_calls_behind_a_hung_round_trip_fail_within_their_own_timeout(priv
                 break
             except BackendUnavailable:
                 await anyio.sleep(0.05)
+
+
+async def test_each_of_a_batchs_publishers_gets_the_id_its_subscribers_receive(private: Any) -> None:
+    from starlette_pomo_ws import PomoWS
+    from starlette_pomo_ws.testing import PomoTestClient
+
+    from ..conftest import make_app, make_settings
+
+    server, _ = private
+    pomo = PomoWS(make_settings(), backend=RedisBackend(server.url))
+    async with PomoTestClient(make_app(pomo)) as client, client.connect("u1") as ws:
+        broadcaster = client.broadcaster
+        before = await calls(server.url, "evalsha", "eval")
+        # One batch: its events come back through pub/sub, and each publisher's id is that event's.
+        events = await asyncio.gather(*(broadcaster.broadcast_to_user("u1", "N", {"n": n}) for n in range(20)))
+        assert await calls(server.url, "evalsha", "eval") - before < 20, "the publishes were not batched"
+        received = {}
+        for _ in range(20):
+            message = await ws.receive(timeout=5)
+            received[message["data"]["n"]] = message["id"]
+        assert received == {n: event.id for n, event in enumerate(events)}
+        assert len(set(received.values())) == 20
