@@ -10,7 +10,7 @@ import pytest
 from starlette_pomo_ws.exceptions import BackendUnavailable
 
 pytest.importorskip("redis")
-from starlette_pomo_ws.backends.redis._batch import Coalescer  # after the skip: an optional extra
+from starlette_pomo_ws.backends.redis._batch import Coalescer, in_task  # after the skip: an optional extra
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +32,7 @@ class Trips:
 
 async def test_calls_in_the_same_moment_share_a_round_trip_and_later_ones_the_next() -> None:
     trips = Trips()
-    coalescer: Coalescer[int, int] = Coalescer(trips.send, what="test", timeout=1, limit=3)
+    coalescer: Coalescer[int, int] = Coalescer(in_task(trips.send), what="test", timeout=1, limit=3)
     trips.release.clear()
     first = [asyncio.ensure_future(coalescer(n)) for n in range(5)]
     await asyncio.sleep(0)  # the sender takes the first batch (of at most 3) and waits for its answer
@@ -46,7 +46,7 @@ async def test_calls_in_the_same_moment_share_a_round_trip_and_later_ones_the_ne
 async def test_a_call_that_waited_past_its_deadline_fails_without_a_round_trip() -> None:
     trips = Trips()
     trips.release.clear()
-    coalescer: Coalescer[int, int] = Coalescer(trips.send, what="test", timeout=0.2, limit=1)
+    coalescer: Coalescer[int, int] = Coalescer(in_task(trips.send), what="test", timeout=0.2, limit=1)
     calls = [asyncio.ensure_future(coalescer(n)) for n in range(2)]
     with anyio.fail_after(2):
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -58,7 +58,7 @@ async def test_a_call_that_waited_past_its_deadline_fails_without_a_round_trip()
 async def test_failures_reach_every_caller_and_callers_that_gave_up_are_skipped() -> None:
     trips = Trips()
     trips.fail = BackendUnavailable("down")
-    coalescer: Coalescer[int, int] = Coalescer(trips.send, what="test", timeout=1, limit=10)
+    coalescer: Coalescer[int, int] = Coalescer(in_task(trips.send), what="test", timeout=1, limit=10)
     gave_up = asyncio.ensure_future(coalescer(1))
     gave_up.cancel()
     calls = [asyncio.ensure_future(coalescer(n)) for n in (2, 3)]
@@ -71,7 +71,7 @@ async def test_failures_reach_every_caller_and_callers_that_gave_up_are_skipped(
 async def test_closing_fails_the_waiting_callers() -> None:
     trips = Trips()
     trips.release.clear()
-    coalescer: Coalescer[int, int] = Coalescer(trips.send, what="publish the event", timeout=5, limit=1)
+    coalescer: Coalescer[int, int] = Coalescer(in_task(trips.send), what="publish the event", timeout=5, limit=1)
     calls = [asyncio.ensure_future(coalescer(n)) for n in range(3)]
     await asyncio.sleep(0.01)
     await coalescer.close()

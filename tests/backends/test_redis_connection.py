@@ -177,3 +177,28 @@ async def test_an_error_reply_on_the_pub_sub_connection_starts_it_over_and_loses
     after = await backend.publish("u1", head(2))  # while pub/sub reconnects: it arrives by the catch-up
     await recorder.wait(lambda: after in recorder.records)
     assert [r.seq for r in recorder.records if r.user_id == "u1"] == [before.seq, after.seq]
+
+
+async def test_a_call_fails_at_its_own_deadline_even_behind_a_call_with_a_later_one(line: Direct, key: str) -> None:
+    """The line keeps one timer for its calls' deadlines: a call with an earlier deadline than the one the timer
+    was set for still fails on time, and so does everything written on that connection before it."""
+    outcomes: dict[str, Any] = {}
+    arrived = anyio.Event()
+
+    def keep(name: str) -> Any:
+        def done(outcome: Any) -> None:
+            outcomes[name] = outcome
+            if len(outcomes) == 2:
+                arrived.set()
+
+        return done
+
+    assert await line(("PING",)) == [b"PONG"]  # connected: both calls go on this connection at once
+    started = anyio.current_time()
+    line.submit([("BLPOP", key, 3)], 10, keep("slow"))  # answered only after 3 s
+    line.submit([("ECHO", "x")], 0.3, keep("quick"))  # behind it on the connection, due in 0.3 s
+    with anyio.fail_after(2):
+        await arrived.wait()
+    assert anyio.current_time() - started < 1.5
+    assert isinstance(outcomes["quick"], TimeoutError) and isinstance(outcomes["slow"], TimeoutError)
+    assert await line(("ECHO", "next")) == [b"next"]  # a new connection, in step

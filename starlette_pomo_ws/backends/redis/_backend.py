@@ -27,7 +27,7 @@ from ..._events import Position
 from ..._settings import redact_url
 from ...exceptions import BackendUnavailable, ConfigurationError
 from ..base import Backend, Control, Deliver, History, Record
-from ._batch import Coalescer
+from ._batch import Coalescer, Settle
 from ._connection import Direct, raise_first_error
 from ._members import Change, Members
 from ._presence import Presence
@@ -290,8 +290,10 @@ class RedisBackend(Backend):
             raise BackendUnavailable("The Redis backend is not started; the event was not published.")
         return await self._publishes((_RETAIN if retain else _CHANNEL, channel, head))
 
-    async def _publish_batch(self, events: list[_Publish], timeout: float) -> list[Record]:
-        """One script call stores and publishes the whole batch, in order, with consecutive seqs."""
+    def _publish_batch(self, events: list[_Publish], timeout: float, settle: Settle[Record]) -> None:
+        """One script call stores and publishes the whole batch, in order, with consecutive seqs. With
+        `redis_min_replicas`, `WAIT` goes in the same write: it counts the replicas that have this
+        connection's writes."""
         args: list[str | int] = [
             self._epoch_mark + secrets.token_hex(6),
             self.key_prefix,
@@ -302,31 +304,50 @@ class RedisBackend(Backend):
         ]
         for kind, name, head in events:
             args += (name, kind, head)
-        reply = await self._command(
-            lambda: self._run_publish(args, timeout), "publish the event", idempotent=False, timeout=timeout
-        )
-        epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
-        return [
-            Record(epoch, first + i, name if kind == _USER else None, head, published_at, _channel(kind, name))
-            for i, (kind, name, head) in enumerate(events)
-        ]
-
-    async def _run_publish(self, args: list[str | int], timeout: float) -> Any:
-        """The publish script, on the publish batches' own connection; with `redis_min_replicas`, `WAIT` in
-        the same write: it counts the replicas that have this connection's writes."""
-        if not self._min_replicas:
-            return (await self._publish_line.script(self._publish_script, [self._meta_key], args))[0]
-        # WAIT's own timeout leaves room for its answer within the socket timeout.
+        # WAIT's own timeout leaves room for its answer within the batch's.
         wait_ms = max(1, int(min(timeout, self._socket_timeout) * 800))
-        reply, replicas = await self._publish_line.script(
-            self._publish_script, [self._meta_key], args, ("WAIT", self._min_replicas, wait_ms)
+        after = [("WAIT", self._min_replicas, wait_ms)] if self._min_replicas else []
+
+        def records(replies: list[Any]) -> list[Record]:
+            reply = replies[0]
+            if self._min_replicas and int(replies[1]) < self._min_replicas:
+                raise RedisError(
+                    f"only {int(replies[1])} of {self._min_replicas} replicas (redis_min_replicas) confirmed the "
+                    f"event within {wait_ms} ms; it is stored on the primary and may still be delivered"
+                )
+            epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
+            return [
+                Record(epoch, first + i, name if kind == _USER else None, head, published_at, _channel(kind, name))
+                for i, (kind, name, head) in enumerate(events)
+            ]
+
+        self._publish_line.submit_script(
+            self._publish_script,
+            [self._meta_key],
+            args,
+            *after,
+            timeout=timeout,
+            done=self._answer("publish the event", records, settle),
         )
-        if int(replicas) < self._min_replicas:
-            raise RedisError(
-                f"only {int(replicas)} of {self._min_replicas} replicas (redis_min_replicas) confirmed the event "
-                f"within {wait_ms} ms; it is stored on the primary and may still be delivered"
-            )
-        return reply
+
+    def _answer(
+        self, what: str, decode: Callable[[list[Any]], Sequence[_T]], settle: Settle[_T]
+    ) -> Callable[[list[Any] | BaseException], None]:
+        """Where a batch's replies go: decoded for its callers, or as `BackendUnavailable` (an error reply
+        included), the backend's health following."""
+
+        def done(outcome: list[Any] | BaseException) -> None:
+            try:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                results = decode(raise_first_error(outcome))
+            except Exception as exc:
+                settle(self._unavailable(what, exc))
+            else:
+                self._command_ok = True
+                settle(results)
+
+        return done
 
     async def send_control(self, kind: str, arguments: Mapping[str, Any]) -> None:
         """Act on this node at once, then publish to the others.
@@ -350,15 +371,19 @@ class RedisBackend(Backend):
         # Every caller waiting at once shares one read, sent after each of them asked.
         return await self._positions(None)
 
-    async def _position_batch(self, callers: list[None], timeout: float) -> list[Position]:
-        reply, *_ = await self._command(
-            lambda: self._position_line.script(
-                self._position_script, [self._meta_key], [self._epoch_mark + secrets.token_hex(6)]
-            ),
-            "read the position",
+    def _position_batch(self, callers: list[None], timeout: float, settle: Settle[Position]) -> None:
+        def positions(replies: list[Any]) -> list[Position]:
+            reply = replies[0]
+            return [Position(_text(reply[0]), int(reply[1]))] * len(callers)
+
+        self._position_line.submit_script(
+            self._position_script,
+            [self._meta_key],
+            [self._epoch_mark + secrets.token_hex(6)],
             timeout=timeout,
+            done=self._answer("read the position", positions, settle),
+            retry=True,
         )
-        return [Position(_text(reply[0]), int(reply[1]))] * len(callers)
 
     async def history(self, user_id: str | None, since: Position, channels: Sequence[str] = ()) -> History:
         """The user's, the broadcast and the channels' events after `since`, read by one script, so that the
@@ -451,21 +476,20 @@ class RedisBackend(Backend):
         records = await self._retained.many(channels)
         return {channel: record for channel, record in zip(channels, records, strict=True) if record is not None}
 
-    async def _retained_batch(self, channels: list[str], timeout: float) -> list[Record | None]:
+    def _retained_batch(self, channels: list[str], timeout: float, settle: Settle[Record | None]) -> None:
         fields = ("e", "s", "t", "h")
         commands = [("HMGET", f"{self.key_prefix}retained:{channel}", *fields) for channel in channels]
 
-        async def read() -> list[Any]:  # an error reply (a key of another type) becomes BackendUnavailable
-            return raise_first_error(await self._retained_line(*commands))
-
-        kept: list[Record | None] = []
-        for channel, (epoch, seq, stamp, head) in zip(
-            channels, await self._command(read, "read the retained events", timeout=timeout), strict=True
-        ):
-            kept.append(
+        def records(replies: list[Any]) -> list[Record | None]:
+            return [
                 None if head is None else Record(_text(epoch), int(seq), None, _text(head), int(stamp) / 1000, channel)
-            )
-        return kept
+                for channel, (epoch, seq, stamp, head) in zip(channels, replies, strict=True)
+            ]
+
+        # An error reply (a key of another type) becomes BackendUnavailable.
+        self._retained_line.submit(
+            commands, timeout, self._answer("read the retained events", records, settle), retry=True
+        )
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -574,11 +598,17 @@ class RedisBackend(Backend):
             else:
                 self._command_ok = True
                 return result
-            self._command_ok = False
-            detail = str(failure) or type(failure).__name__
-            if isinstance(failure, asyncio.TimeoutError):
-                detail = f"no answer within {self._op_timeout:.1f}s"
-            raise BackendUnavailable(f"Cannot {what}: Redis at {redact_url(self._url)} failed ({detail}).") from failure
+            raise self._unavailable(what, failure) from failure
+
+    def _unavailable(self, what: str, failure: BaseException) -> BackendUnavailable:
+        """Why `what` failed, for its caller; the backend's health follows."""
+        self._command_ok = False
+        detail = str(failure) or type(failure).__name__
+        if isinstance(failure, asyncio.TimeoutError):
+            detail = f"no answer within {self._op_timeout:.1f}s"
+        error = BackendUnavailable(f"Cannot {what}: Redis at {redact_url(self._url)} failed ({detail}).")
+        error.__cause__ = failure
+        return error
 
 
 def _channel(kind: str, name: str) -> str | None:

@@ -1,27 +1,36 @@
 """Coalescing: the calls that many handlers make in the same moment go to Redis as one round trip.
 
-There is no timer. The first call starts a sender task; it runs once the event loop has finished
-what it is doing now, so every call made in that same moment is in its batch. Calls that arrive
-while a round trip is in flight wait for it and go together in the next one. Batches go one at a
-time and in order, so the calls of one stream keep their order.
+There is no timer. The first call schedules a flush; it runs once the event loop has finished what it
+is doing now, so every call made in that same moment is in its batch. Calls that arrive while a
+round trip is in flight wait for it, and go together the moment its reply arrives. Batches go one at
+a time and in order, so the calls of one stream keep their order.
+
+No task runs a batch: `send` writes it and returns, and its callback hands each caller its result in
+the same step as the reply is parsed (see `Direct.submit`). A send that must await (presence and
+channel members, which a refresh may hold) runs in a task of its own through `in_task`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from ...exceptions import BackendUnavailable
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "in_task"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
-# Sends a batch within the given number of seconds; returns one result per item, in order.
-Send = Callable[[list[_T], float], Awaitable[Sequence[_R]]]
+# What a batch gets back: one result per item, in order, or why it failed.
+Settle = Callable[[Sequence[_R] | BaseException], None]
+# Sends a batch that has the given number of seconds left, and calls `settle` once, when it is answered.
+# It may return the task it started (`in_task`), which `Coalescer.close()` then cancels.
+Send = Callable[[list[_T], float, Settle[_R]], asyncio.Task[None] | None]
+_Entry = tuple[_T, asyncio.Future[_R], float]
 
 
 class Coalescer(Generic[_T, _R]):
@@ -36,12 +45,15 @@ class Coalescer(Generic[_T, _R]):
         self._what = what
         self._timeout = timeout
         self._limit = limit
-        self._queue: collections.deque[tuple[_T, asyncio.Future[_R], float]] = collections.deque()
-        self._sender: asyncio.Task[None] | None = None
+        self._queue: collections.deque[_Entry[_T, _R]] = collections.deque()
+        self._scheduled = False
+        self._in_flight: list[_Entry[_T, _R]] | None = None
+        self._task: asyncio.Task[None] | None = None  # the in-flight batch's, when its send took one
+        self._flushing = False
         self.round_trips = 0  # for tests and the docs' measurements
 
-    async def __call__(self, item: _T) -> _R:
-        return await self._enqueue(item)
+    def __call__(self, item: _T) -> Awaitable[_R]:
+        return self._enqueue(item)
 
     async def many(self, items: Sequence[_T]) -> list[_R]:
         """Several items' results, in order: they join the same batches as everyone else's, with no task each."""
@@ -52,54 +64,87 @@ class Coalescer(Generic[_T, _R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_R] = loop.create_future()
         self._queue.append((item, future, loop.time()))
-        if self._sender is None:
-            self._sender = loop.create_task(self._run(), name=f"pomo-ws redis: {self._what}")
+        if not self._scheduled and self._in_flight is None:
+            self._scheduled = True
+            loop.call_soon(self._flush)
         return future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        batch: list[tuple[_T, asyncio.Future[_R], float]] = []
+    def _flush(self) -> None:
+        """Send the next batch, unless one is in flight: then its answer sends the next."""
+        self._scheduled = False
+        if self._flushing:  # a send that settled at once, inside this loop: the loop goes on
+            return
+        self._flushing = True
         try:
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(self._limit, len(self._queue)))]
-                live = [entry for entry in batch if not entry[1].done()]  # drop callers that gave up
-                if not live:
-                    continue
-                remaining = live[0][2] + self._timeout - loop.time()
-                if remaining <= 0:
-                    error = BackendUnavailable(
-                        f"Cannot {self._what}: Redis did not answer within {self._timeout:.1f}s."
-                    )
-                    _fail(live, error)
-                    continue
-                self.round_trips += 1
-                try:
-                    results = await self._send([item for item, _, _ in live], remaining)
-                except Exception as exc:
-                    _fail(live, exc)
-                    continue
-                for (_, future, _), result in zip(live, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-        except BaseException:
-            # Cancelled (the backend stops): nobody may wait forever.
-            error = BackendUnavailable(f"Cannot {self._what}: the Redis backend stopped.")
-            _fail(batch, error)
-            _fail(list(self._queue), error)
-            self._queue.clear()
-            raise
+            while self._queue and self._in_flight is None:
+                self._send_next()
         finally:
-            self._sender = None
+            self._flushing = False
+
+    def _send_next(self) -> None:
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(self._limit, len(queue)))]
+        live = [entry for entry in batch if not entry[1].done()]  # drop callers that gave up
+        if not live:
+            return
+        remaining = live[0][2] + self._timeout - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            _fail(live, BackendUnavailable(f"Cannot {self._what}: Redis did not answer within {self._timeout:.1f}s."))
+            return
+        self._in_flight = live
+        self.round_trips += 1
+        try:
+            task = self._send([item for item, _, _ in live], remaining, functools.partial(self._settle, live))
+        except Exception as exc:  # a send that failed before it went out
+            self._settle(live, exc)
+            return
+        if self._in_flight is live:
+            self._task = task
+
+    def _settle(self, live: list[_Entry[_T, _R]], outcome: Sequence[_R] | BaseException) -> None:
+        if self._in_flight is not live:
+            return  # closed meanwhile: its callers were failed then
+        self._in_flight = self._task = None
+        if isinstance(outcome, BaseException):
+            _fail(live, outcome)
+        else:
+            for (_, future, _), result in zip(live, outcome, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        if self._queue:
+            self._flush()  # the calls that waited go at once, in this same step
 
     async def close(self) -> None:
-        """Stop the sender; its callers get `BackendUnavailable`."""
-        sender = self._sender
-        if sender is not None:
-            sender.cancel()
-            await asyncio.wait({sender})
+        """Stop sending: the waiting callers get `BackendUnavailable`, and a send's task is cancelled."""
+        error = BackendUnavailable(f"Cannot {self._what}: the Redis backend stopped.")
+        task, self._task = self._task, None
+        live, self._in_flight = self._in_flight, None
+        _fail(live or [], error)
+        _fail(list(self._queue), error)
+        self._queue.clear()
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
 
 
-def _fail(entries: Sequence[tuple[object, asyncio.Future[_R], float]], error: Exception) -> None:
+def in_task(send: Callable[[list[_T], float], Awaitable[Sequence[_R]]]) -> Send[_T, _R]:
+    """A `Send` for a coroutine function that returns the batch's results: it runs in a task of its own."""
+
+    def start(items: list[_T], timeout: float, settle: Settle[_R]) -> asyncio.Task[None]:
+        async def run() -> None:
+            try:
+                results = await send(items, timeout)
+            except Exception as exc:
+                settle(exc)
+            else:
+                settle(results)
+
+        return asyncio.get_running_loop().create_task(run())
+
+    return start
+
+
+def _fail(entries: Sequence[tuple[object, asyncio.Future[_R], float]], error: BaseException) -> None:
     for _, future, _ in entries:
         if not future.done():
             # One exception object per caller: raised in many tasks, a shared one would pile up tracebacks.

@@ -1,7 +1,7 @@
 """Connections of the backend's own, outside redis-py's pool: the pub/sub session's, and the batches'.
 
 They are made like the pool's (same host or Sentinel-resolved primary, credentials, TLS), but speak
-RESP2 without decoding, with no socket timeout of their own: the caller bounds every wait.
+RESP2 without decoding, with no socket timeout of their own: each call carries its deadline.
 
 `Direct` carries the batches of one `Coalescer` (publishes, positions, presence, channel
 members, retained state).
@@ -12,14 +12,17 @@ one connection serves all its batches, in order.
 
 Once redis-py has connected one (TLS, AUTH, SELECT, CLIENT SETNAME), `open_line()` takes its
 transport over with a `Line`: replies are parsed as they arrive (by hiredis when it is installed,
-else by `Resp2Reader`) and go in one step to the waiting `Direct` caller, or to the pub/sub
-session's handler, with no stream reader, no read loop and no timeout per read.
+else by `Resp2Reader`) and go in that same step to the submitter's callback, or to the pub/sub
+session's handler: no stream reader, no read loop, no task and no timeout per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +34,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError, InvalidResponse, NoScriptError
 
 from ._scripts import Script
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as time_limit
+else:  # a dependency of redis-py before Python 3.11.3
+    from async_timeout import timeout as time_limit
 
 # hiredis's reply parser, in C; the `redis` extra installs it. Without it, `Resp2Reader` below.
 HIREDIS_READER: Any = None
@@ -140,10 +148,18 @@ def _reader() -> Any:
     return Resp2Reader()
 
 
+# What a submitted call gets back: its replies (an error reply as its exception, in place), or why the
+# connection failed.
+Done = Callable[[list[Any] | BaseException], None]
+
+
 class Line(asyncio.Protocol):
     """The protocol of a connected transport. Replies are parsed as they arrive: each goes to `on_reply`
-    when there is one (pub/sub), or else `expect(count)` returns a future of the next `count` replies,
-    set as soon as the last one is parsed. An exception from `on_reply` ends the connection."""
+    when there is one (pub/sub); or else `submit(commands, done, deadline)` writes the commands, and
+    `done` gets their replies in the same step as the last of them is parsed. Calls are answered in the
+    order they were written. If the connection ends first, every call still waiting gets the reason;
+    a call still waiting at its deadline ends the connection (its reply may yet come: out of step).
+    An exception from `on_reply` ends the connection."""
 
     def __init__(
         self, transport: asyncio.Transport, keep: object = None, on_reply: Callable[[Any], None] | None = None
@@ -152,9 +168,11 @@ class Line(asyncio.Protocol):
         self._keep = keep  # the StreamWriter it came from, which closes the transport when collected
         self._on_reply = on_reply
         self._reader = _reader()
-        self._waiter: asyncio.Future[list[Any]] | None = None
-        self._expected = 0
-        self._replies: list[Any] = []
+        # The calls waiting, oldest first: (how many replies, the replies so far, where they go, deadline).
+        self._waiting: collections.deque[tuple[int, list[Any], Done, float]] = collections.deque()
+        # One timer for the deadlines, not one per call: it is left running when a call is answered, and
+        # when it fires it looks at the oldest call still waiting.
+        self._timer: asyncio.TimerHandle | None = None
         self.error: Exception | None = None  # why it is closed, or closing
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once closed
 
@@ -163,14 +181,22 @@ class Line(asyncio.Protocol):
         """Closed, or closing."""
         return self.error is not None
 
-    def expect(self, count: int) -> asyncio.Future[list[Any]]:
-        assert self._waiter is None, "one caller at a time"
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._expected = count
-        self._replies = []
-        return self._waiter
+    def submit(self, commands: Sequence[Command], done: Done, deadline: float = math.inf) -> None:
+        """Write the commands; `done` gets their replies, or why the connection ended first (at `deadline`,
+        in the event loop's time, at the latest)."""
+        if self.error is not None:
+            done(self.error)
+            return
+        self._waiting.append((len(commands), [], done, deadline))
+        timer = self._timer
+        if deadline != math.inf and (timer is None or deadline < timer.when()):
+            if timer is not None:
+                timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._check_deadline)
+        self.transport.write(pack(commands))
 
     def write(self, commands: Sequence[Command]) -> None:
+        """Write commands whose replies go to `on_reply` (pub/sub)."""
         self.transport.write(pack(commands))
 
     def data_received(self, data: bytes) -> None:
@@ -180,14 +206,13 @@ class Line(asyncio.Protocol):
                 if self._on_reply is not None:
                     self._on_reply(reply)
                     continue
-                waiter = self._waiter
-                if waiter is None:
+                if not self._waiting:
                     raise InvalidResponse("Redis sent a reply nobody asked for")
-                self._replies.append(reply)
-                if len(self._replies) == self._expected:
-                    self._waiter = None
-                    if not waiter.done():
-                        waiter.set_result(self._replies)
+                count, replies, done, _ = self._waiting[0]
+                replies.append(reply)
+                if len(replies) == count:
+                    self._waiting.popleft()
+                    done(replies)
         except Exception as exc:  # out of step for good: a protocol error, or an error reply to pub/sub
             self._end(exc)
 
@@ -202,13 +227,27 @@ class Line(asyncio.Protocol):
     def close(self) -> None:
         self._end(RedisConnectionError("Connection to Redis closed by this process"))
 
+    def _check_deadline(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        deadlines = [entry[3] for entry in self._waiting if entry[3] != math.inf]
+        if not deadlines:
+            return
+        if min(deadlines) <= loop.time():
+            self._end(asyncio.TimeoutError())  # its reply may still come: out of step for good
+        else:
+            self._timer = loop.call_at(min(deadlines), self._check_deadline)
+
     def _end(self, error: Exception) -> None:
         if self.error is None:
             self.error = error
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
         self.transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting = self._waiting
+        while waiting:
+            waiting.popleft()[2](self.error)
 
 
 async def open_line(
@@ -241,48 +280,138 @@ def raise_first_error(replies: list[Any]) -> list[Any]:
 
 
 class Direct:
-    """One connection for one caller at a time: `await direct(command, ...)` writes the commands at once
-    and returns one reply per command, an error reply as its `ResponseError` (the connection stays in
-    step). Any other failure, a cancellation included, drops the connection, whose state is then
-    unknown; the next call connects again. The caller bounds the call's time."""
+    """One connection for one caller at a time (a coalescer sends its batches one by one).
+
+    `submit(commands, timeout, done)` writes the commands at once; `done` gets one reply per command (an
+    error reply as its `ResponseError`, in place: the connection stays in step) in the same step as the
+    last of them is parsed, or else the exception: the connection failed, or `timeout` passed first.
+    Such a failure drops the connection, whose state is then unknown; the next call connects again.
+    Only connecting (the first call, or the first after a failure) takes a task.
+
+    `await direct(command, ...)` and `await direct.script(...)` do the same for a caller that awaits,
+    and bounds the call itself; a cancelled call drops the connection too.
+    """
 
     def __init__(self, client: aioredis.Redis, *, name: str, connect_timeout: float) -> None:
         self._client = client
         self._name = name
         self._connect_timeout = connect_timeout
         self._line: Line | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    def submit(self, commands: Sequence[Command], timeout: float | None, done: Done, *, retry: bool = False) -> None:
+        """With `retry`, a call whose connection was lost (Redis closed an idle one, say) is sent once more on a
+        new one, if it has time left; a call that must not run twice (a publish) goes without."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        line = self._line
+        if line is not None and not line.lost:
+            self._write(line, commands, deadline, done, retry)
+        else:
+            self._line = None
+            self._connecting = loop.create_task(self._connect_then(commands, deadline, done, retry))
+
+    def submit_script(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        *after: Command,
+        timeout: float | None,
+        done: Done,
+        retry: bool = False,
+    ) -> None:
+        """Run `script`, then the commands `after` in the same write. A server that does not know the script
+        yet (restarted, or promoted) runs nothing and answers `NOSCRIPT`: the script is then loaded and
+        everything sent again, in one write."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args), *after]
+
+        def replied(outcome: list[Any] | BaseException) -> None:
+            if isinstance(outcome, BaseException) or not isinstance(outcome[0], NoScriptError):
+                done(outcome)
+                return
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                done(asyncio.TimeoutError())
+                return
+            again = [("SCRIPT", "LOAD", script.source), *commands]
+            self.submit(again, left, lambda o: done(o if isinstance(o, BaseException) else o[1:]), retry=retry)
+
+        self.submit(commands, timeout, replied, retry=retry)
+
+    def _write(self, line: Line, commands: Sequence[Command], deadline: float | None, done: Done, retry: bool) -> None:
+        loop = asyncio.get_running_loop()
+
+        def replied(outcome: list[Any] | BaseException) -> None:
+            if isinstance(outcome, BaseException):  # the connection ended (or this call's deadline passed)
+                if self._line is line:
+                    self._line = None
+                if retry and isinstance(outcome, RedisConnectionError):
+                    left = None if deadline is None else deadline - loop.time()
+                    if left is None or left > 0:
+                        self.submit(commands, left, done)
+                        return
+            done(outcome)
+
+        line.submit(commands, replied, math.inf if deadline is None else deadline)
+
+    async def _connect_then(self, commands: Sequence[Command], deadline: float | None, done: Done, retry: bool) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with time_limit(None if deadline is None else max(0.0, deadline - loop.time())):
+                line = await open_line(self._client, name=self._name, connect_timeout=self._connect_timeout)
+        except asyncio.CancelledError:
+            done(RedisConnectionError("Connection to Redis closed by this process"))
+            raise
+        except Exception as exc:
+            done(exc)
+            return
+        finally:
+            self._connecting = None
+        self._line = line
+        self._write(line, commands, deadline, done, retry=False)  # a new connection: nothing to retry
 
     async def __call__(self, *commands: Command) -> list[Any]:
-        line = self._line
-        if line is not None and line.lost:  # Redis closed it since the last call
-            line = self._line = None
-        try:
-            if line is None:
-                line = await open_line(self._client, name=self._name, connect_timeout=self._connect_timeout)
-                self._line = line
-            replies = line.expect(len(commands))
-            line.write(commands)
-            return await replies
-        except BaseException:
-            self._line = None
-            if line is not None:
-                line.close()
-            raise
+        return await self._await(lambda done: self.submit(commands, None, done))
 
     async def script(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int], *after: Command
     ) -> list[Any]:
-        """Run `script`, then the commands `after` in the same write; return every reply, or raise the first
-        error. A server that does not know the script yet (restarted, or promoted) runs nothing and answers
-        `NOSCRIPT`: the script is then loaded and everything sent again."""
-        commands = [("EVALSHA", script.sha, len(keys), *keys, *args), *after]
-        replies = await self(*commands)
-        if isinstance(replies[0], NoScriptError):
-            await self(("SCRIPT", "LOAD", script.source))
-            replies = await self(*commands)
-        return raise_first_error(replies)
+        """`submit_script`, awaited; returns every reply, or raises the first error."""
+        return raise_first_error(
+            await self._await(lambda done: self.submit_script(script, keys, args, *after, timeout=None, done=done))
+        )
 
-    async def close(self) -> None:
+    async def _await(self, submit: Callable[[Done], None]) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: list[Any] | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        submit(done)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._drop()  # its reply may still come: the connection is out of step
+            raise
+
+    def _drop(self) -> None:
         line, self._line = self._line, None
         if line is not None:
             line.close()
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+
+    async def close(self) -> None:
+        connecting = self._connecting
+        self._drop()
+        if connecting is not None:
+            await asyncio.wait({connecting})

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
-from ._batch import Coalescer
+from ._batch import Coalescer, in_task
 from ._connection import Direct
 from ._scripts import Script
 
@@ -72,7 +72,7 @@ class Members:
         self._dirty: set[str] = set()
         # (node id, channel, user id, +1 join / -1 leave / 0 count only) -> (user's connections, users)
         self._batches: Coalescer[tuple[str, str, str, int], tuple[int, int]] = Coalescer(
-            self._send, what="update the channel members", timeout=timeout, limit=1000
+            in_task(self._send), what="update the channel members", timeout=timeout, limit=1000
         )
 
     async def join(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
-from ._batch import Coalescer
+from ._batch import Coalescer, in_task
 from ._connection import Direct
 from ._scripts import Script
 
@@ -59,7 +59,7 @@ class Presence:
         self._timeout = timeout
         # (node id, user id, +1 for a new connection or -1 for a closed one) -> the user's cluster count, or 0
         self._batches: Coalescer[tuple[str, str, int], int] = Coalescer(
-            self._send, what="update the connection counts", timeout=timeout, limit=1000
+            in_task(self._send), what="update the connection counts", timeout=timeout, limit=1000
         )
 
     async def add(self, node_id: str, user_id: str, connection_id: str) -> int:
