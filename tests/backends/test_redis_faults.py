@@ -102,8 +102,10 @@ async def test_client_kill_during_publishing_loses_nothing(
 ) -> None:
     """Every event whose publish returned reaches the subscriber exactly once, in order."""
     caplog.set_level(logging.INFO, "starlette_pomo_ws")
-    publisher, _ = await redis_factory()
-    subscriber, recorder = await redis_factory()
+    # A history the outages cannot outrun (a publish loop makes thousands a second): this tests the kills;
+    # an outage longer than the history is `test_history_trimmed_while_disconnected_asks_for_a_resync`'s.
+    publisher, _ = await redis_factory(history_size=100_000)
+    subscriber, recorder = await redis_factory(history_size=100_000)
     subscriber._pubsub._backoff_cap = 0.2
     await subscriber.subscribe("u1")
     returned: list[Record] = []

@@ -6,21 +6,23 @@ round trip is in flight wait for it, and go together the moment its reply arrive
 a time and in order, so the calls of one stream keep their order.
 
 No task runs a batch: `send` writes it and returns, and its callback hands each caller its result in
-the same step as the reply is parsed (see `Direct.submit`). A send that must await (presence and
-channel members, which a refresh may hold) runs in a task of its own through `in_task`.
+the same step as the reply is parsed (see `Direct.submit`). A refresh that rewrites what the batches
+write (presence, channel members) pauses them instead of taking a lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 from ...exceptions import BackendUnavailable
+from ._connection import Done
 
-__all__ = ["Coalescer", "in_task"]
+__all__ = ["Answer", "Coalescer", "Settle"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -28,9 +30,15 @@ _R = TypeVar("_R")
 # What a batch gets back: one result per item, in order, or why it failed.
 Settle = Callable[[Sequence[_R] | BaseException], None]
 # Sends a batch that has the given number of seconds left, and calls `settle` once, when it is answered.
-# It may return the task it started (`in_task`), which `Coalescer.close()` then cancels.
-Send = Callable[[list[_T], float, Settle[_R]], asyncio.Task[None] | None]
+Send = Callable[[list[_T], float, Settle[_R]], None]
 _Entry = tuple[_T, asyncio.Future[_R], float]
+
+
+class Answer(Protocol):
+    """Where a batch's replies go (`RedisBackend._answer`): decoded for its callers, or as `BackendUnavailable`
+    (an error reply included); the backend's health follows."""
+
+    def __call__(self, what: str, decode: Callable[[list[Any]], Sequence[_R]], settle: Settle[_R]) -> Done: ...
 
 
 class Coalescer(Generic[_T, _R]):
@@ -48,8 +56,9 @@ class Coalescer(Generic[_T, _R]):
         self._queue: collections.deque[_Entry[_T, _R]] = collections.deque()
         self._scheduled = False
         self._in_flight: list[_Entry[_T, _R]] | None = None
-        self._task: asyncio.Task[None] | None = None  # the in-flight batch's, when its send took one
         self._flushing = False
+        self._pauses = 0
+        self._idle: asyncio.Future[None] | None = None  # set when the batch in flight is answered
         self.round_trips = 0  # for tests and the docs' measurements
 
     def __call__(self, item: _T) -> Awaitable[_R]:
@@ -76,7 +85,7 @@ class Coalescer(Generic[_T, _R]):
             return
         self._flushing = True
         try:
-            while self._queue and self._in_flight is None:
+            while self._queue and self._in_flight is None and not self._pauses:
                 self._send_next()
         finally:
             self._flushing = False
@@ -94,17 +103,17 @@ class Coalescer(Generic[_T, _R]):
         self._in_flight = live
         self.round_trips += 1
         try:
-            task = self._send([item for item, _, _ in live], remaining, functools.partial(self._settle, live))
+            self._send([item for item, _, _ in live], remaining, functools.partial(self._settle, live))
         except Exception as exc:  # a send that failed before it went out
             self._settle(live, exc)
-            return
-        if self._in_flight is live:
-            self._task = task
 
     def _settle(self, live: list[_Entry[_T, _R]], outcome: Sequence[_R] | BaseException) -> None:
         if self._in_flight is not live:
             return  # closed meanwhile: its callers were failed then
-        self._in_flight = self._task = None
+        self._in_flight = None
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
         if isinstance(outcome, BaseException):
             _fail(live, outcome)
         else:
@@ -114,34 +123,31 @@ class Coalescer(Generic[_T, _R]):
         if self._queue:
             self._flush()  # the calls that waited go at once, in this same step
 
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No batch is in flight inside: it waits for the one in flight, and the next waits for it."""
+        self._pauses += 1
+        try:
+            while self._in_flight is not None:
+                if self._idle is None:
+                    self._idle = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._idle)
+            yield
+        finally:
+            self._pauses -= 1
+            if not self._pauses and self._queue:
+                self._flush()
+
     async def close(self) -> None:
-        """Stop sending: the waiting callers get `BackendUnavailable`, and a send's task is cancelled."""
+        """Stop sending: the waiting callers get `BackendUnavailable`."""
         error = BackendUnavailable(f"Cannot {self._what}: the Redis backend stopped.")
-        task, self._task = self._task, None
         live, self._in_flight = self._in_flight, None
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
         _fail(live or [], error)
         _fail(list(self._queue), error)
         self._queue.clear()
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-
-
-def in_task(send: Callable[[list[_T], float], Awaitable[Sequence[_R]]]) -> Send[_T, _R]:
-    """A `Send` for a coroutine function that returns the batch's results: it runs in a task of its own."""
-
-    def start(items: list[_T], timeout: float, settle: Settle[_R]) -> asyncio.Task[None]:
-        async def run() -> None:
-            try:
-                results = await send(items, timeout)
-            except Exception as exc:
-                settle(exc)
-            else:
-                settle(results)
-
-        return asyncio.get_running_loop().create_task(run())
-
-    return start
 
 
 def _fail(entries: Sequence[tuple[object, asyncio.Future[_R], float]], error: BaseException) -> None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
-from ._batch import Coalescer, in_task
+from ._batch import Answer, Coalescer, Settle
 from ._connection import Direct
 from ._scripts import Script
 
@@ -47,6 +47,7 @@ class Members:
         key_prefix: str,
         ttl: float,
         command: Command,
+        answer: Answer,
         timeout: float,
         line: Direct,
         changed: Changed,
@@ -56,6 +57,7 @@ class Members:
         self._key_prefix = key_prefix
         self._ttl = ttl
         self._command = command
+        self._answer = answer
         self._timeout = timeout
         self._changed = changed
         self._script = Script(client, "members")
@@ -65,14 +67,13 @@ class Members:
         # node id -> channel -> user id -> connections. Nested rather than keyed by (channel, user) pairs: a
         # tuple per pair cost about 110 B a pair; nested, about 27 B (`python -m benchmarks channel-memory --redis`).
         self.local: dict[str, dict[str, dict[str, int]]] = {}
-        self._lock = asyncio.Lock()
         # Cleared by the backend's stop: the refresh loop ends even if a cancellation is lost on the way
         # (Python 3.11's wait_for drops one that arrives as the awaited call completes).
         self.running = False
         self._dirty: set[str] = set()
         # (node id, channel, user id, +1 join / -1 leave / 0 count only) -> (user's connections, users)
         self._batches: Coalescer[tuple[str, str, str, int], tuple[int, int]] = Coalescer(
-            in_task(self._send), what="update the channel members", timeout=timeout, limit=1000
+            self._send, what="update the channel members", timeout=timeout, limit=1000
         )
 
     async def join(self, node_id: str, channel: str, user_id: str) -> tuple[int, int]:
@@ -115,53 +116,54 @@ class Members:
         """This node's connections of `user_id` in `channel`, as the mirror has them."""
         return self.local.get(node_id, {}).get(channel, {}).get(user_id, 0)
 
-    async def _send(self, updates: list[tuple[str, str, str, int]], timeout: float) -> list[tuple[int, int]]:
+    def _send(self, updates: list[tuple[str, str, str, int]], timeout: float, settle: Settle[tuple[int, int]]) -> None:
         """One script call writes every (node, channel, user) of the batch as absolute values, and counts.
 
-        Each answer is the count as of its own turn, as if the batch had gone one by one.
+        Each answer is the count as of its own turn, as if the batch had gone one by one. A refresh pauses
+        the batches, so the two never interleave.
         """
-        async with self._lock:
-            written: dict[str, set[tuple[str, str]]] = {}
-            for node_id, channel, user_id, change in updates:
-                if change:
-                    written.setdefault(node_id, set()).add((channel, user_id))
-            args: list[str | int] = [self._key_prefix, int(self._ttl * 1000), len(written)]
-            for node_id, pairs in written.items():
-                args += (node_id, "0", len(pairs))
-                for channel, user_id in pairs:
-                    args += (channel, user_id, self._count(node_id, channel, user_id))
-            asked = sorted({(channel, user_id) for _, channel, user_id, _ in updates})
-            for channel, user_id in asked:
-                args += (channel, user_id)
-            try:
-                reply, *_ = await self._command(
-                    lambda: self._line.script(self._script, [self._nodes_key], args),
-                    "update the channel members",
-                    timeout,
-                )
-            except BackendUnavailable:
+        written: dict[str, set[tuple[str, str]]] = {}
+        for node_id, channel, user_id, change in updates:
+            if change:
+                written.setdefault(node_id, set()).add((channel, user_id))
+        args: list[str | int] = [self._key_prefix, int(self._ttl * 1000), len(written)]
+        for node_id, pairs in written.items():
+            args += (node_id, "0", len(pairs))
+            for channel, user_id in pairs:
+                args += (channel, user_id, self._count(node_id, channel, user_id))
+        asked = sorted({(channel, user_id) for _, channel, user_id, _ in updates})
+        for channel, user_id in asked:
+            args += (channel, user_id)
+
+        def answers(replies: list[Any]) -> list[tuple[int, int]]:
+            counts = replies[0][0]
+            users: dict[str, int] = {}
+            connections: dict[tuple[str, str], int] = {}
+            for index, pair in enumerate(asked):
+                connections[pair] = int(counts[2 * index])
+                users[pair[0]] = int(counts[2 * index + 1])
+            # Take the later changes of the batch back out, newest first.
+            out = [(0, 0)] * len(updates)
+            for index in range(len(updates) - 1, -1, -1):
+                _, channel, user_id, change = updates[index]
+                pair = (channel, user_id)
+                after = connections[pair]
+                out[index] = (after, users[channel])
+                before = after - change
+                connections[pair] = before
+                if before <= 0 < after:
+                    users[channel] -= 1
+                elif after <= 0 < before:
+                    users[channel] += 1
+            return out
+
+        def settled(outcome: Sequence[tuple[int, int]] | BaseException) -> None:
+            if isinstance(outcome, BaseException):
                 self._dirty.update(written)
-                raise
-        counts = reply[0]
-        users: dict[str, int] = {}
-        connections: dict[tuple[str, str], int] = {}
-        for index, pair in enumerate(asked):
-            connections[pair] = int(counts[2 * index])
-            users[pair[0]] = int(counts[2 * index + 1])
-        # Take the later changes of the batch back out, newest first.
-        answers = [(0, 0)] * len(updates)
-        for index in range(len(updates) - 1, -1, -1):
-            _, channel, user_id, change = updates[index]
-            pair = (channel, user_id)
-            after = connections[pair]
-            answers[index] = (after, users[channel])
-            before = after - change
-            connections[pair] = before
-            if before <= 0 < after:
-                users[channel] -= 1
-            elif after <= 0 < before:
-                users[channel] += 1
-        return answers
+            settle(outcome)
+
+        done = self._answer("update the channel members", answers, settled)
+        self._line.submit_script(self._script, [self._nodes_key], args, timeout=timeout, done=done, retry=True)
 
     async def members(self, channel: str) -> dict[str, int]:
         key = f"{self._key_prefix}cm:{channel}"
@@ -200,7 +202,7 @@ class Members:
     async def _refresh_node(self, node_id: str) -> None:
         ttl = int(self._ttl * 1000)
         key = f"{self._key_prefix}members:{node_id}"
-        async with self._lock:
+        async with self._batches.paused():
             whole = await self._command(
                 lambda: self._touch(keys=[self._nodes_key, key], args=[node_id, ttl]),
                 "refresh the channel members",

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ...exceptions import BackendUnavailable
-from ._batch import Coalescer, in_task
+from ._batch import Answer, Coalescer, Settle
 from ._connection import Direct
 from ._scripts import Script
 
@@ -36,6 +36,7 @@ class Presence:
         key_prefix: str,
         ttl: float,
         command: Command,
+        answer: Answer,
         bounded: Callable[[Awaitable[Any]], Awaitable[Any]],
         timeout: float,
         line: Direct,
@@ -45,13 +46,13 @@ class Presence:
         self._key_prefix = key_prefix
         self._ttl = ttl
         self._command = command
+        self._answer = answer
         self._bounded = bounded
         self._script = Script(client, "presence")
         self._touch = Script(client, "touch")
         self._nodes_key = f"{key_prefix}nodes"
         self.local: dict[str, dict[str, set[str]]] = {}  # node id -> user id -> connection ids
         self._totals: dict[str, int] = {}  # node id -> its connections (a sum over `local` costs O(users) per write)
-        self._lock = asyncio.Lock()
         # Cleared by the backend's stop: the refresh loop ends even if a cancellation is lost on the way
         # (Python 3.11's wait_for drops one that arrives as the awaited call completes).
         self.running = False
@@ -59,7 +60,7 @@ class Presence:
         self._timeout = timeout
         # (node id, user id, +1 for a new connection or -1 for a closed one) -> the user's cluster count, or 0
         self._batches: Coalescer[tuple[str, str, int], int] = Coalescer(
-            in_task(self._send), what="update the connection counts", timeout=timeout, limit=1000
+            self._send, what="update the connection counts", timeout=timeout, limit=1000
         )
 
     async def add(self, node_id: str, user_id: str, connection_id: str) -> int:
@@ -99,44 +100,44 @@ class Presence:
     async def _write_quietly(self, node_id: str, user_id: str) -> None:
         await self._batches((node_id, user_id, -1))
 
-    async def _send(self, updates: list[tuple[str, str, int]], timeout: float) -> list[int]:
+    def _send(self, updates: list[tuple[str, str, int]], timeout: float, settle: Settle[int]) -> None:
         """One script call writes every node and user in the batch, as absolute values, and counts.
 
-        Under the lock, so a refresh never interleaves; a failed write is repaired by a later one or by
-        the refresh.
+        A refresh pauses the batches, so the two never interleave; a failed write is repaired by a later
+        one or by the refresh.
         """
-        async with self._lock:
-            written: dict[str, set[str]] = {}
-            for node_id, user_id, _ in updates:
-                written.setdefault(node_id, set()).add(user_id)
-            args: list[str | int] = [self._key_prefix, int(self._ttl * 1000), len(written)]
-            for node_id, user_ids in written.items():
-                users = self.local.get(node_id, {})
-                args += (node_id, self._totals.get(node_id, 0), len(user_ids))
-                for user_id in user_ids:
-                    args += (f"u:{user_id}", len(users.get(user_id, ())))
-            asked = sorted({user_id for _, user_id, change in updates if change > 0})
-            args += [f"u:{user_id}" for user_id in asked]
-            try:
-                counts, *_ = await self._command(
-                    lambda: self._line.script(self._script, [self._nodes_key], args),
-                    "update the connection counts",
-                    timeout,
-                )
-            except BackendUnavailable:
+        written: dict[str, set[str]] = {}
+        for node_id, user_id, _ in updates:
+            written.setdefault(node_id, set()).add(user_id)
+        args: list[str | int] = [self._key_prefix, int(self._ttl * 1000), len(written)]
+        for node_id, user_ids in written.items():
+            users = self.local.get(node_id, {})
+            args += (node_id, self._totals.get(node_id, 0), len(user_ids))
+            for user_id in user_ids:
+                args += (f"u:{user_id}", len(users.get(user_id, ())))
+        asked = sorted({user_id for _, user_id, change in updates if change > 0})
+        args += [f"u:{user_id}" for user_id in asked]
+
+        def answers(replies: list[Any]) -> list[int]:
+            # The script counted every change of the batch; each addition gets the count as of its own
+            # turn, as if the batch had gone one by one: the changes after it are taken back out.
+            totals = {user_id: int(count) for user_id, count in zip(asked, replies[0], strict=True)}
+            out = [0] * len(updates)
+            for index in range(len(updates) - 1, -1, -1):
+                _, user_id, change = updates[index]
+                if user_id in totals:
+                    if change > 0:
+                        out[index] = totals[user_id]
+                    totals[user_id] -= change
+            return out
+
+        def settled(outcome: Sequence[int] | BaseException) -> None:
+            if isinstance(outcome, BaseException):
                 self._dirty.update(written)
-                raise
-        # The script counted every change of the batch; each addition gets the count as of its own turn,
-        # as if the batch had gone one by one: the changes after it are taken back out.
-        totals = {user_id: int(count) for user_id, count in zip(asked, counts, strict=True)}
-        answers = [0] * len(updates)
-        for index in range(len(updates) - 1, -1, -1):
-            _, user_id, change = updates[index]
-            if user_id in totals:
-                if change > 0:
-                    answers[index] = totals[user_id]
-                totals[user_id] -= change
-        return answers
+            settle(outcome)
+
+        done = self._answer("update the connection counts", answers, settled)
+        self._line.submit_script(self._script, [self._nodes_key], args, timeout=timeout, done=done, retry=True)
 
     async def user_count(self, user_id: str) -> int:
         return await self._count(f"u:{user_id}")
@@ -160,7 +161,7 @@ class Presence:
             await asyncio.sleep(self._ttl / 3)
             for node_id in list(self.local):
                 try:
-                    async with self._lock:
+                    async with self._batches.paused():
                         await self._bounded(self._refresh_node(node_id))
                 except (BackendUnavailable, RedisError, OSError, asyncio.TimeoutError) as exc:
                     self._dirty.add(node_id)
