@@ -233,7 +233,7 @@ class Line(asyncio.Protocol):
         deadlines = [entry[3] for entry in self._waiting if entry[3] != math.inf]
         if not deadlines:
             return
-        if min(deadlines) <= loop.time():
+        if min(deadlines) <= loop.time() + 0.001:  # the loop runs a timer up to its clock's resolution early
             self._end(asyncio.TimeoutError())  # its reply may still come: out of step for good
         else:
             self._timer = loop.call_at(min(deadlines), self._check_deadline)
