@@ -3,6 +3,7 @@ with hiredis and with the pure-Python reader used without it."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -200,5 +201,5 @@ async def test_a_call_fails_at_its_own_deadline_even_behind_a_call_with_a_later_
     with anyio.fail_after(2):
         await arrived.wait()
     assert anyio.current_time() - started < 1.5
-    assert isinstance(outcomes["quick"], TimeoutError) and isinstance(outcomes["slow"], TimeoutError)
+    assert isinstance(outcomes["quick"], asyncio.TimeoutError) and isinstance(outcomes["slow"], asyncio.TimeoutError)
     assert await line(("ECHO", "next")) == [b"next"]  # a new connection, in step
