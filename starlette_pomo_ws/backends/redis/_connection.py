@@ -230,13 +230,13 @@ class Line(asyncio.Protocol):
     def _check_deadline(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
-        deadlines = [entry[3] for entry in self._waiting if entry[3] != math.inf]
-        if not deadlines:
+        deadline = min((entry[3] for entry in self._waiting), default=math.inf)
+        if deadline == math.inf:
             return
-        if min(deadlines) <= loop.time() + 0.001:  # the loop runs a timer up to its clock's resolution early
+        if deadline <= loop.time() + 0.001:  # the loop runs a timer up to its clock's resolution early
             self._end(asyncio.TimeoutError())  # its reply may still come: out of step for good
         else:
-            self._timer = loop.call_at(min(deadlines), self._check_deadline)
+            self._timer = loop.call_at(deadline, self._check_deadline)
 
     def _end(self, error: Exception) -> None:
         if self.error is None:
@@ -288,8 +288,8 @@ class Direct:
     Such a failure drops the connection, whose state is then unknown; the next call connects again.
     Only connecting (the first call, or the first after a failure) takes a task.
 
-    `await direct(command, ...)` and `await direct.script(...)` do the same for a caller that awaits,
-    and bounds the call itself; a cancelled call drops the connection too.
+    `await direct(command, ...)` does the same for a caller that awaits, and bounds the call itself; a
+    cancelled call drops the connection too.
     """
 
     def __init__(self, client: aioredis.Redis, *, name: str, connect_timeout: float) -> None:
@@ -303,13 +303,13 @@ class Direct:
         """With `retry`, a call whose connection was lost (Redis closed an idle one, say) is sent once more on a
         new one, if it has time left; a call that must not run twice (a publish) goes without."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = math.inf if timeout is None else loop.time() + timeout
         line = self._line
         if line is not None and not line.lost:
             self._write(line, commands, deadline, done, retry)
         else:
             self._line = None
-            self._connecting = loop.create_task(self._connect_then(commands, deadline, done, retry))
+            self._connecting = loop.create_task(self._connect_then(commands, deadline, done))
 
     def submit_script(
         self,
@@ -325,15 +325,15 @@ class Direct:
         yet (restarted, or promoted) runs nothing and answers `NOSCRIPT`: the script is then loaded and
         everything sent again, in one write."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = math.inf if timeout is None else loop.time() + timeout
         commands = [("EVALSHA", script.sha, len(keys), *keys, *args), *after]
 
         def replied(outcome: list[Any] | BaseException) -> None:
             if isinstance(outcome, BaseException) or not isinstance(outcome[0], NoScriptError):
                 done(outcome)
                 return
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
+            left = deadline - loop.time()
+            if left <= 0:
                 done(asyncio.TimeoutError())
                 return
             again = [("SCRIPT", "LOAD", script.source), *commands]
@@ -341,26 +341,24 @@ class Direct:
 
         self.submit(commands, timeout, replied, retry=retry)
 
-    def _write(self, line: Line, commands: Sequence[Command], deadline: float | None, done: Done, retry: bool) -> None:
+    def _write(self, line: Line, commands: Sequence[Command], deadline: float, done: Done, retry: bool) -> None:
         loop = asyncio.get_running_loop()
 
         def replied(outcome: list[Any] | BaseException) -> None:
             if isinstance(outcome, BaseException):  # the connection ended (or this call's deadline passed)
                 if self._line is line:
                     self._line = None
-                if retry and isinstance(outcome, RedisConnectionError):
-                    left = None if deadline is None else deadline - loop.time()
-                    if left is None or left > 0:
-                        self.submit(commands, left, done)
-                        return
+                if retry and isinstance(outcome, RedisConnectionError) and deadline > loop.time():
+                    self.submit(commands, deadline - loop.time(), done)
+                    return
             done(outcome)
 
-        line.submit(commands, replied, math.inf if deadline is None else deadline)
+        line.submit(commands, replied, deadline)
 
-    async def _connect_then(self, commands: Sequence[Command], deadline: float | None, done: Done, retry: bool) -> None:
+    async def _connect_then(self, commands: Sequence[Command], deadline: float, done: Done) -> None:
         loop = asyncio.get_running_loop()
         try:
-            async with time_limit(None if deadline is None else max(0.0, deadline - loop.time())):
+            async with time_limit(None if deadline == math.inf else max(0.0, deadline - loop.time())):
                 line = await open_line(self._client, name=self._name, connect_timeout=self._connect_timeout)
         except asyncio.CancelledError:
             done(RedisConnectionError("Connection to Redis closed by this process"))
@@ -375,14 +373,6 @@ class Direct:
 
     async def __call__(self, *commands: Command) -> list[Any]:
         return await self._await(lambda done: self.submit(commands, None, done))
-
-    async def script(
-        self, script: Script, keys: Sequence[str], args: Sequence[str | int], *after: Command
-    ) -> list[Any]:
-        """`submit_script`, awaited; returns every reply, or raises the first error."""
-        return raise_first_error(
-            await self._await(lambda done: self.submit_script(script, keys, args, *after, timeout=None, done=done))
-        )
 
     async def _await(self, submit: Callable[[Done], None]) -> list[Any]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()

@@ -30,7 +30,7 @@ class Script:
     promoted one) answers `NOSCRIPT` without running anything, and the script is then loaded and sent again.
 
     Called, it runs on redis-py's pool (the occasional reads and refreshes); the batches run it on their
-    own connection with `Direct.script`.
+    own connection with `Direct.submit_script`.
     """
 
     def __init__(self, client: aioredis.Redis, name: str) -> None:
