@@ -689,3 +689,128 @@ async def test_repr_hides_the_password(url: str) -> None:
         assert "127.0.0.1" in repr(backend)
     finally:
         await backend.stop()
+
+
+class Relay:
+    """A TCP relay to a Redis server that can hold back what the server sends: a replica's replication
+    link on a slow network."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Relay:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for source, sink, gate in ((reader, upstream_writer, None), (upstream_reader, writer, self.flowing)):
+            task = asyncio.create_task(self._pump(source, sink, gate))
+            self._tasks.add(task)
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: asyncio.Event | None) -> None:
+        try:
+            while data := await source.read(65536):
+                if gate is not None:
+                    await gate.wait()
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+
+async def commands_run(url: str, command: str) -> int:
+    admin = aioredis.Redis.from_url(url, socket_timeout=2)
+    try:
+        stats: dict[str, Any] = await admin.info("commandstats")
+    finally:
+        await admin.aclose()
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_pubsub_connection_on_a_lagging_replica_misses_nothing(
+    redis_server_factory: Callable[..., RedisServer], redis_factory: Factory
+) -> None:
+    """The heartbeat's barrier holds whatever server the pub/sub connection reached: here a replica whose
+    replication lags (after a failover, Sentinel may hand a reconnecting node the old primary just as it
+    becomes a replica), while positions are read on the primary."""
+    primary = redis_server_factory()
+    primary.start()
+    async with Relay(primary.port) as link:
+        replica = redis_server_factory("--replicaof", "127.0.0.1", str(link.port))
+        replica.start()
+        admin = aioredis.Redis.from_url(replica.url, socket_timeout=2, decode_responses=True)
+        await eventually(lambda: _in_sync(admin), limit=10)
+        publisher, _ = await redis_factory(url=primary.url)
+        subscriber = RedisBackend(primary.url, key_prefix=publisher.key_prefix, heartbeat_interval=0.05)
+        subscriber._pubsub._client = aioredis.Redis.from_url(replica.url)  # pub/sub on the replica
+        recorder = Recorder()
+        await subscriber.start(recorder.deliver, recorder.control)
+        try:
+            await subscriber.subscribe("u1")
+            first = await publisher.publish("u1", head(0))
+            await recorder.wait(lambda: first in recorder.records)
+            link.flowing.clear()  # the replica falls behind
+            lagging = [await publisher.publish("u1", head(n)) for n in range(1, 6)]
+            # Several heartbeats pass while those events are stored on the primary but not yet here.
+            heartbeats = await commands_run(primary.url, "evalsha")
+            await eventually(lambda: _equals_at_least(commands_run(primary.url, "evalsha"), heartbeats + 4))
+            link.flowing.set()
+            await recorder.wait(lambda: lagging[-1] in recorder.records)
+            assert recorder.records == [first, *lagging]
+            assert recorder.controls == []
+        finally:
+            await subscriber.stop()
+            await subscriber._pubsub._client.aclose()
+            await admin.aclose()
+
+
+async def _in_sync(admin: Any) -> bool:
+    return bool((await admin.info("replication")).get("master_link_status") == "up")
+
+
+async def _equals_at_least(value: Awaitable[int], expected: int) -> bool:
+    return await value >= expected
+
+
+async def test_a_pubsub_connection_on_a_server_that_does_not_follow_the_primary_is_replaced(
+    redis_server_factory: Callable[..., RedisServer], redis_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pub/sub connection that reached another server than the primary (an old primary that Sentinel
+    has not demoted yet) never hears its heartbeat's markers: it is replaced, and the next connection
+    catches up with what was published meanwhile, never skipping it."""
+    primary = redis_server_factory()
+    primary.start()
+    elsewhere = redis_server_factory()
+    elsewhere.start()
+    publisher, _ = await redis_factory(url=primary.url)
+    subscriber = RedisBackend(primary.url, key_prefix=publisher.key_prefix, heartbeat_interval=0.05, socket_timeout=0.3)
+    reaches_primary = subscriber._pubsub._client
+    reaches_elsewhere = subscriber._pubsub._client = aioredis.Redis.from_url(elsewhere.url)
+    recorder = Recorder()
+    await subscriber.start(recorder.deliver, recorder.control)
+    try:
+        await subscriber.subscribe("u1")
+        subscriber._pubsub._client = reaches_primary  # what its next connection reaches
+        missed = [await publisher.publish("u1", head(n)) for n in range(3)]
+        await recorder.wait(lambda: missed[-1] in recorder.records)
+        assert "no answer from Redis pub/sub" in caplog.text
+        assert recorder.records == missed
+        assert recorder.controls == []
+    finally:
+        await subscriber.stop()
+        await reaches_elsewhere.aclose()

@@ -181,6 +181,7 @@ class RedisBackend(Backend):
             heartbeat_interval=heartbeat_interval,
             position=self.position,
             read_since=self._read_since,
+            barrier=self._barrier,
         )
         self._publish_line = Direct(client, name=f"{self._client_name}-pub", connect_timeout=socket_timeout)
         self._position_line = Direct(client, name=f"{self._client_name}-pos", connect_timeout=socket_timeout)
@@ -386,6 +387,11 @@ class RedisBackend(Backend):
             done=self._answer("read the position", positions, settle),
             retry=True,
         )
+
+    async def _barrier(self, channel: str, token: str) -> None:
+        """Publish `token|epoch|seq` on `channel` behind every event published so far (the pub/sub heartbeat)."""
+        arguments = [self._epoch_mark + secrets.token_hex(6), channel, token]
+        await self._command(lambda: self._position_script([self._meta_key], arguments), "read the position")
 
     async def history(self, user_id: str | None, since: Position, channels: Sequence[str] = ()) -> History:
         """The user's, the broadcast and the channels' events after `since`, read by one script, so that the

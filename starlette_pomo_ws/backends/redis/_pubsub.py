@@ -1,8 +1,9 @@
 """The one pub/sub connection of a node: subscriptions, the catch-up after a reconnect, and the heartbeat.
 
-Pub/sub is at-most-once, so the session checks its position against Redis on every heartbeat and,
-after any reconnect, fetches what it missed from the streams before it delivers anything live; when
-that is impossible it asks the core to resync (`control("resync", {})`).
+Pub/sub is at-most-once, so the session checks its position against Redis on every heartbeat (a
+barrier published behind every event so far) and, after any reconnect, fetches what it missed from the
+streams before it delivers anything live; when that is impossible it asks the core to resync
+(`control("resync", {})`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ _CHANNELS_PER_SUBSCRIBE = 500
 
 # (since, users, channels) -> (complete, records in seq order, position)
 ReadSince = Callable[[Position, Sequence[str], Sequence[str]], Awaitable[tuple[bool, list[Record], Position]]]
+# (channel, token) -> None, once Redis has published `token|epoch|seq` on the channel, behind every event up to seq
+Barrier = Callable[[str, str], Awaitable[None]]
+_BARRIERS_KEPT = 16  # markers not heard back yet; an older one whose marker never came is forgotten
 
 
 class PubSub:
@@ -55,6 +59,7 @@ class PubSub:
         heartbeat_interval: float,
         position: Callable[[], Awaitable[Position]],
         read_since: ReadSince,
+        barrier: Barrier,
     ) -> None:
         self._client = client
         self._url = url
@@ -64,6 +69,8 @@ class PubSub:
         self._heartbeat_interval = heartbeat_interval
         self._position = position
         self._read_since = read_since
+        self._barrier = barrier
+        self._key_prefix = key_prefix
         self.ctl_channel = f"{key_prefix}ctl".encode()
         self._all_channel = f"{key_prefix}all".encode()
         self._user_channel = f"{key_prefix}u:".encode()
@@ -85,7 +92,8 @@ class PubSub:
         self.channels: set[str] = set()  # the channels (of `broadcast_to_channel`) this node subscribes to
         self.tracked: Position | None = None  # the last (epoch, seq) this node is sure it has delivered
         self._epoch_switches = 0
-        self._barriers: dict[bytes, tuple[Position | None, int]] = {}
+        self._barrier_channel = b""  # this node's own, for its heartbeat's markers (named at start)
+        self._barriers: dict[bytes, int] = {}  # the token of each marker on its way -> _epoch_switches then
         self._ping_ids = itertools.count(1)
         self._last_heard = 0.0
         self.live = False
@@ -100,6 +108,7 @@ class PubSub:
         self._deliver = deliver
         self._control = control
         self._instance = instance
+        self._barrier_channel = f"{self._key_prefix}n:{instance}".encode()
         self._stopping = False
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(ready), name="pomo-ws redis pub/sub")
@@ -260,11 +269,10 @@ class PubSub:
             line = await asyncio.wait_for(connecting, self._op_timeout)
             if self._is_stopping():  # stop() came as the connection did, and its cancellation was lost
                 return
-            self._last_heard = time.monotonic()
             self._buffer = []
             # From here on subscribe() sends its own SUBSCRIBE, so no user can fall between the two.
             self._line = line
-            channels = [self.ctl_channel, self._all_channel]
+            channels = [self.ctl_channel, self._all_channel, self._barrier_channel]
             channels.extend(self._user_channel + user.encode() for user in list(self.users))
             channels.extend(self._channel_channel + name.encode() for name in list(self.channels))
             pending: list[asyncio.Future[None]] = []
@@ -284,6 +292,9 @@ class PubSub:
             else:
                 logger.info("Redis pub/sub connection to %s restored", redact_url(self._url))
             heartbeat = asyncio.create_task(self._heartbeat(line), name="pomo-ws redis heartbeat")
+            # Heard is a heartbeat's marker (or pong) coming back: a connection that gets messages but not the
+            # markers is on a server that does not follow the primary, and is replaced as a silent one is.
+            self._last_heard = time.monotonic()
             silence = 2 * self._heartbeat_interval + self._op_timeout
             while not self._is_stopping():
                 # Replies are handled as they arrive (`_on_reply`); this only watches for an end, or silence.
@@ -337,18 +348,30 @@ class PubSub:
             self._accept(record)
 
     async def _heartbeat(self, line: Line) -> None:
-        # Until the session lets go of its line: a heartbeat whose cancellation was lost (as the position
-        # read completed) still ends, and the session's `finally`, which awaits it, does not hang.
+        """Every interval, a barrier: the primary publishes a marker with its position on this node's own
+        channel, behind every event up to that position. Whichever server this connection is on (the
+        primary, or a replica, which relays the primary's messages in the primary's order), those events
+        reach it before the marker does, so `tracked` may move up to the marker's position (`_on_marker`).
+
+        A marker that never arrives (this connection reached a server that does not follow the primary:
+        an old primary in a failover) moves nothing, and the silence ends the session. A `PING` stands in
+        when the marker cannot be published, so that this connection's own silence is still noticed.
+        """
+        # Until the session lets go of its line: a heartbeat whose cancellation was lost (as the barrier
+        # call completed) still ends, and the session's `finally`, which awaits it, does not hang.
         while line is self._line:
             await asyncio.sleep(self._heartbeat_interval)
-            barrier: Position | None = None
+            token = str(next(self._ping_ids))
+            barriers = self._barriers
+            if len(barriers) >= _BARRIERS_KEPT:
+                del barriers[next(iter(barriers))]
+            barriers[token.encode()] = self._epoch_switches
             try:
-                barrier = await self._position()
+                await self._barrier(self._barrier_channel.decode(), token)
             except BackendUnavailable as exc:
-                logger.debug("Redis heartbeat could not read the position: %s", exc)
-            token = str(next(self._ping_ids)).encode()
-            self._barriers[token] = (barrier, self._epoch_switches)
-            self._send(line, "PING", [token], wait=False)
+                logger.debug("Redis heartbeat could not publish its barrier: %s", exc)
+                barriers.pop(token.encode(), None)
+                self._send(line, "PING", [], wait=False)
 
     # -- what arrives -------------------------------------------------------------------------
 
@@ -356,7 +379,6 @@ class PubSub:
         """Each reply of the pub/sub connection, as it is parsed."""
         if isinstance(message, Exception):
             raise message  # an error reply: the connection ends, and the next one starts over
-        self._last_heard = time.monotonic()
         buffered = self._buffer
         if not isinstance(message, list) or not message:
             return
@@ -365,6 +387,9 @@ class PubSub:
             channel, data = message[1], _bytes(message[2])
             if channel == self.ctl_channel:
                 self._on_control(data)
+                return
+            if channel == self._barrier_channel:
+                self._on_marker(data)
                 return
             record = parse(data)
             if record is None:
@@ -381,17 +406,29 @@ class PubSub:
                     waiter.set_result(None)
                 if not waiters:
                     del self._waiters[message[1]]
-        elif kind == b"pong" and len(message) > 1:
-            barrier, switches = self._barriers.pop(_bytes(message[1]), (None, 0))
-            tracked = self.tracked
-            if barrier is None or tracked is None or buffered is not None:
-                return
-            # Every event published before the barrier was read reached this connection before the pong.
-            if barrier.epoch == tracked.epoch:
-                if barrier.seq > tracked.seq:
-                    self.tracked = barrier
-            elif switches == self._epoch_switches:
-                self.tracked = barrier  # a new epoch began with no event for this node yet
+        elif kind == b"pong":
+            self._last_heard = time.monotonic()
+
+    def _on_marker(self, data: bytes) -> None:
+        """A heartbeat's barrier came back: every event up to its position has arrived (see `_heartbeat`)."""
+        try:
+            token, epoch, seq = data.split(b"|", 2)
+            barrier = Position(epoch.decode(), int(seq))
+        except (ValueError, UnicodeDecodeError):
+            logger.warning("Ignored a malformed heartbeat marker from Redis")
+            return
+        switches = self._barriers.pop(token, None)
+        if switches is None:
+            return  # not this session's
+        self._last_heard = time.monotonic()
+        tracked = self.tracked
+        if tracked is None or self._buffer is not None:
+            return
+        if barrier.epoch == tracked.epoch:
+            if barrier.seq > tracked.seq:
+                self.tracked = barrier
+        elif switches == self._epoch_switches:
+            self.tracked = barrier  # a new epoch began with no event for this node yet
 
     def _accept(self, record: Record) -> None:
         tracked = self.tracked
