@@ -79,7 +79,8 @@ class Subscriptions:
 
     async def _release(self, key: str, subscription: asyncio.Future[None]) -> None:
         try:
-            await asyncio.wait({subscription})  # whatever its outcome, undo what it may have done
+            if not subscription.done():
+                await asyncio.wait({subscription})  # whatever its outcome, undo what it may have done
             if key not in self._subscriptions:
                 await self._unsubscribe(key)
         finally:

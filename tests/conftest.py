@@ -126,6 +126,14 @@ async def wait_until(predicate: Callable[[], bool], within: float = 5.0, what: s
         await asyncio.sleep(0.005)
 
 
+async def settled(tasks: set[asyncio.Task[None]], within: float = 5.0) -> None:
+    """Until the background tasks that exist now have finished (bounded); there may be none left already."""
+    pending = set(tasks)
+    if pending:
+        _, unfinished = await asyncio.wait(pending, timeout=within)
+        assert not unfinished, f"{len(unfinished)} background tasks still running after {within} s"
+
+
 async def recv(ws: ClientConnection, within: float = 5) -> dict[str, Any]:
     """The next server message, parsed; bounded."""
     with anyio.fail_after(within):

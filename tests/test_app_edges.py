@@ -19,7 +19,7 @@ from starlette_pomo_ws._events import Position
 from starlette_pomo_ws.backends import MemoryBackend, create_backend
 from starlette_pomo_ws.backends.base import Record
 
-from .conftest import make_app, make_settings, make_token
+from .conftest import make_app, make_settings, make_token, settled
 from .test_churn import Socket
 
 pytestmark = pytest.mark.anyio
@@ -121,7 +121,7 @@ async def test_a_presence_that_fails_after_recording_is_undone() -> None:
         assert (await ws.next())["code"] == 1011
         await ws.finished()
         if pomo.broadcaster._tasks:  # the undo runs in the background
-            await asyncio.wait(set(pomo.broadcaster._tasks), timeout=5)
+            await settled(pomo.broadcaster._tasks)
         assert await pomo.broadcaster.cluster_user_connection_count("u1") == 0
 
 
@@ -152,7 +152,7 @@ async def test_backend_failures_during_a_handshake_close_with_1011_and_count() -
         first.leave()
         await first.finished()
         if pomo.broadcaster._tasks:  # the presence is removed in the background
-            await asyncio.wait(set(pomo.broadcaster._tasks), timeout=5)
+            await settled(pomo.broadcaster._tasks)
         assert await pomo.broadcaster.cluster_user_connection_count("u1") == 0
         backend.fail_publish = True
         with pytest.raises(BackendUnavailable):

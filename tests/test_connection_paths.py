@@ -17,7 +17,7 @@ from starlette_pomo_ws._connection import Connection
 from starlette_pomo_ws._events import dumps
 from starlette_pomo_ws.backends import MemoryBackend
 
-from .conftest import make_app, make_settings, make_token
+from .conftest import make_app, make_settings, make_token, settled
 from .test_churn import Socket
 
 pytestmark = pytest.mark.anyio
@@ -66,7 +66,7 @@ async def test_connections_of_one_user_share_one_subscription() -> None:
         for ws in (first, second):
             ws.leave()
             await ws.finished()
-        await asyncio.wait(set(pomo.broadcaster._tasks), timeout=5)
+        await settled(pomo.broadcaster._tasks)
         assert backend.unsubscribes == 1
 
 
