@@ -230,6 +230,19 @@ class RedisServer:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+async def replica_in_sync(replica: RedisServer, limit: float = 10) -> None:
+    """Until the replica's link to its primary is up (its first sync done)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis(host="127.0.0.1", port=replica.port, socket_timeout=1, decode_responses=True)
+    try:
+        with anyio.fail_after(limit):
+            while (await client.info("replication")).get("master_link_status") != "up":  # noqa: ASYNC110  # another process's state
+                await anyio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 def redis_server_factory(tmp_path: pathlib.Path) -> Iterator[Callable[..., RedisServer]]:
     if shutil.which("redis-server") is None:

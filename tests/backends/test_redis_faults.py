@@ -17,7 +17,7 @@ from starlette_pomo_ws._events import Position
 from starlette_pomo_ws.backends.base import Record
 from starlette_pomo_ws.exceptions import BackendUnavailable
 
-from .conftest import Recorder, RedisServer
+from .conftest import Recorder, RedisServer, replica_in_sync
 
 redis = pytest.importorskip("redis")
 import redis.asyncio as aioredis  # noqa: E402  # after the skip: redis is an optional extra
@@ -753,8 +753,7 @@ async def test_a_pubsub_connection_on_a_lagging_replica_misses_nothing(
     async with Relay(primary.port) as link:
         replica = redis_server_factory("--replicaof", "127.0.0.1", str(link.port))
         replica.start()
-        admin = aioredis.Redis.from_url(replica.url, socket_timeout=2, decode_responses=True)
-        await eventually(lambda: _in_sync(admin), limit=10)
+        await replica_in_sync(replica)
         publisher, _ = await redis_factory(url=primary.url)
         subscriber = RedisBackend(primary.url, key_prefix=publisher.key_prefix, heartbeat_interval=0.05)
         subscriber._pubsub._client = aioredis.Redis.from_url(replica.url)  # pub/sub on the replica
@@ -776,11 +775,6 @@ async def test_a_pubsub_connection_on_a_lagging_replica_misses_nothing(
         finally:
             await subscriber.stop()
             await subscriber._pubsub._client.aclose()
-            await admin.aclose()
-
-
-async def _in_sync(admin: Any) -> bool:
-    return bool((await admin.info("replication")).get("master_link_status") == "up")
 
 
 async def _equals_at_least(value: Awaitable[int], expected: int) -> bool:

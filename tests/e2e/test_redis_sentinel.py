@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from starlette_pomo_ws import BackendUnavailable, PomoWS
 from starlette_pomo_ws.backends import create_backend
 
-from ..backends.conftest import RedisServer, free_port, redis_server_factory  # noqa: F401  # a fixture
+from ..backends.conftest import RedisServer, free_port, redis_server_factory, replica_in_sync  # noqa: F401  # a fixture
 from ..conftest import make_app, make_settings, make_token, run_server
 
 redis = pytest.importorskip("redis")
@@ -106,16 +106,6 @@ def cluster(redis_server_factory: Callable[..., RedisServer], tmp_path: pathlib.
         yield primary, replica, sentinels
     finally:
         sentinels.stop()
-
-
-async def replica_in_sync(replica: RedisServer, limit: float = 10) -> None:
-    client = aioredis.Redis(host="127.0.0.1", port=replica.port, socket_timeout=1, decode_responses=True)
-    try:
-        with anyio.fail_after(limit):
-            while (await client.info("replication")).get("master_link_status") != "up":  # noqa: ASYNC110  # another process's state
-                await anyio.sleep(0.05)
-    finally:
-        await client.aclose()
 
 
 class Reader:

@@ -94,7 +94,7 @@ class PubSub:
         self._epoch_switches = 0
         self._barrier_channel = b""  # this node's own, for its heartbeat's markers (named at start)
         self._barriers: dict[bytes, int] = {}  # the token of each marker on its way -> _epoch_switches then
-        self._ping_ids = itertools.count(1)
+        self._barrier_ids = itertools.count(1)
         self._last_heard = 0.0
         self.live = False
         self._was_live = False
@@ -361,7 +361,7 @@ class PubSub:
         # call completed) still ends, and the session's `finally`, which awaits it, does not hang.
         while line is self._line:
             await asyncio.sleep(self._heartbeat_interval)
-            token = str(next(self._ping_ids))
+            token = str(next(self._barrier_ids))
             barriers = self._barriers
             if len(barriers) >= _BARRIERS_KEPT:
                 del barriers[next(iter(barriers))]
@@ -370,7 +370,7 @@ class PubSub:
                 await self._barrier(self._barrier_channel.decode(), token)
             except BackendUnavailable as exc:
                 logger.debug("Redis heartbeat could not publish its barrier: %s", exc)
-                barriers.pop(token.encode(), None)
+                del barriers[token.encode()]
                 self._send(line, "PING", [], wait=False)
 
     # -- what arrives -------------------------------------------------------------------------
@@ -421,8 +421,8 @@ class PubSub:
         if switches is None:
             return  # not this session's
         self._last_heard = time.monotonic()
-        tracked = self.tracked
-        if tracked is None or self._buffer is not None:
+        tracked = self.tracked  # set before the session went live, and so before any heartbeat
+        if tracked is None:
             return
         if barrier.epoch == tracked.epoch:
             if barrier.seq > tracked.seq:
