@@ -394,36 +394,59 @@ class Broadcaster:
 
     async def admit(self, connection: Connection) -> bool:
         """Reserve a slot under `max_connections_per_user` (cluster-wide where the backend shares) and
-        register the connection; False when the user has no slot left. The caller must `release()` it."""
+        register the connection; False when the user has no slot left. Once admitted, the caller must
+        `release()` it.
+
+        On a shared backend the node also subscribes to the user's stream here, then counts the
+        connection and reads its starting position in one call (`connection.admitted_at`).
+        """
+        user_id = connection.user_id
         limit = self.settings.max_connections_per_user
-        if not self._shared:
-            if self.registry.user_count(connection.user_id) >= limit:
-                return False
-        else:
-            try:
-                count = await self.backend.add_presence(self.node_id, connection.user_id, connection.id)
-            except BaseException:
-                # It may be recorded although the call failed (a lost reply, an error after the write):
-                # undo it, whatever the error, or it would count against the user until it expires.
-                _ = self.spawn(self.backend.remove_presence(self.node_id, connection.user_id, connection.id))
-                raise
-            if count > limit:
-                await self.backend.remove_presence(self.node_id, connection.user_id, connection.id)
-                return False
-        # Registered at once, still RESUMING: a concurrent handshake of the same user sees the slot taken.
+        if self.registry.user_count(user_id) >= limit:  # this node's alone fill the slots: no round trip
+            return False
+        # Registered at once, still RESUMING: a concurrent handshake of the same user sees the slot taken,
+        # and the events published from now on are kept for it.
         self.registry.add(connection)
-        return True
+        if not self._shared:
+            return True
+        try:
+            # Subscribed before the count, so every event after the position read with it reaches this node.
+            await self._subscriptions.acquire(user_id)
+            if connection.released():  # closed meanwhile: the handler sends its close
+                return True
+            count, connection.admitted_at = await self.backend.add_presence_with_position(
+                self.node_id, user_id, connection.id
+            )
+        except BaseException:
+            self._unregister(connection)
+            # It may be recorded although the call failed (a lost reply, an error after the write):
+            # undo it, whatever the error, or it would count against the user until it expires.
+            _ = self.spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))
+            raise
+        if count <= limit or connection.released():
+            return True
+        self._unregister(connection)
+        await self.backend.remove_presence(self.node_id, user_id, connection.id)
+        return False
+
+    def _unregister(self, connection: Connection) -> None:
+        """Take a connection out of the registry, and unsubscribe from its user's stream after the last."""
+        if self.registry.remove(connection):
+            self._user_activity.pop(connection.user_id, None)
+            if self._running:
+                self._subscriptions.release(connection.user_id)
 
     async def establish(self, connection: Connection, last_event_id: str | None, channels: Sequence[str] = ()) -> None:
-        """Subscribe, then send CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events.
+        """Send CONNECTION_ESTABLISHED, the replay (or RESYNC_REQUIRED) and live events (the user's stream
+        is subscribed by `admit`).
 
         `channels` are the handshake's `channels=`: each is authorized, then its events join the replay.
         """
         user_id = connection.user_id
-        if self._shared:  # the memory backend delivers every event of this process: nothing to subscribe
-            await self._subscriptions.acquire(user_id)
         if connection.released():
             return
+        # The position read when the connection was counted holds while nothing was subscribed since.
+        admitted_at = None if channels else connection.admitted_at
         resumed = None
         joined: list[str] = []
         if channels:
@@ -438,7 +461,7 @@ class Broadcaster:
             cursor = self._signer.verify(last_event_id, user_id)
             if cursor is None:
                 resync_reason = "unknown_cursor"
-                position = await self.backend.position()
+                position = admitted_at if admitted_at is not None else await self.backend.position()
             else:
                 history = await self.backend.history(user_id, cursor, joined)
                 position = history.position
@@ -449,7 +472,7 @@ class Broadcaster:
                 else:
                     resync_reason = "history_unavailable" if cursor.epoch == position.epoch else "new_epoch"
         else:
-            position = await self.backend.position()
+            position = admitted_at if admitted_at is not None else await self.backend.position()
         if last_event_id:
             self.stats.resumes["ok" if resync_reason is None else "resync"] += 1
         established = {
@@ -509,15 +532,11 @@ class Broadcaster:
         self.stats.disconnects[connection.close_code] += 1
         if connection.expiry_token >= 0:
             self._forget_expiry(connection)
-        user_id = connection.user_id
         if connection.channels:
             self.channels.forget(connection)
-        if self.registry.remove(connection):
-            self._user_activity.pop(user_id, None)
-            if self._running:
-                self._subscriptions.release(user_id)
+        self._unregister(connection)
         if self._shared and self._running:
-            _ = self.spawn(self.backend.remove_presence(self.node_id, user_id, connection.id))  # kept in _tasks
+            _ = self.spawn(self.backend.remove_presence(self.node_id, connection.user_id, connection.id))
 
     def track(self, closing: Coroutine[Any, Any, None]) -> None:
         """Run a connection's close in a task that shutdown waits for (a bounded time)."""

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._events import protocol_message, wire_size
+from ._events import Position, protocol_message, wire_size
 from ._outbox import ALWAYS, Outbox
 from ._types import Message, Scope, Send
 
@@ -53,6 +53,7 @@ class Connection(Outbox):
         "_started",
         "_strikes",
         "_woken",
+        "admitted_at",
         "channels",
         "expires_at",
         "expiry_token",
@@ -90,6 +91,8 @@ class Connection(Outbox):
         # most none: the empty tuple costs nothing).
         self.channels: tuple[str, ...] = ()
         self.joining = 0  # subscribes being read
+        # On a shared backend, the position read with this connection's count, once it is subscribed.
+        self.admitted_at: Position | None = None
 
     def __repr__(self) -> str:
         return f"<Connection id={self.id!r} user_id={self.user_id!r}>"

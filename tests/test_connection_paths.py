@@ -17,7 +17,7 @@ from starlette_pomo_ws._connection import Connection
 from starlette_pomo_ws._events import dumps
 from starlette_pomo_ws.backends import MemoryBackend
 
-from .conftest import make_app, make_settings, make_token, settled
+from .conftest import make_app, make_settings, make_token, settled, wait_until
 from .test_churn import Socket
 
 pytestmark = pytest.mark.anyio
@@ -56,12 +56,16 @@ async def test_connections_of_one_user_share_one_subscription() -> None:
     async with LifespanManager(make_app(pomo)) as manager:
         first = Socket(manager.app, "/ws", {"token": make_token()})
         second = Socket(manager.app, "/ws", {"token": make_token()})
-        assert (await first.next())["type"] == "websocket.accept"
-        assert (await second.next())["type"] == "websocket.accept"
-        await pomo.broadcaster.broadcast_to_user("u1", "WHILE_SUBSCRIBING")  # buffered, not lost
+        # Both handshakes wait on the one subscription, before they are accepted.
+        await wait_until(lambda: pomo.broadcaster.user_connection_count("u1") == 2, what="both handshakes")
+        assert backend.subscribes == 1
         backend.gate.set()
         for ws in (first, second):
+            assert (await ws.next())["type"] == "websocket.accept"
             assert (await ws.next_json() or {})["type"] == "CONNECTION_ESTABLISHED"
+        await pomo.broadcaster.broadcast_to_user("u1", "AFTER")
+        for ws in (first, second):
+            assert (await ws.next_json() or {})["type"] == "AFTER"
         assert backend.subscribes == 1
         for ws in (first, second):
             ws.leave()
@@ -77,12 +81,15 @@ async def test_a_failed_subscription_closes_with_1011_and_is_retried_by_the_next
     async with LifespanManager(make_app(pomo)) as manager:
         first = Socket(manager.app, "/ws", {"token": make_token()})
         second = Socket(manager.app, "/ws", {"token": make_token()})
-        await first.next()
-        await second.next()
+        await wait_until(lambda: pomo.broadcaster.user_connection_count("u1") == 2, what="both handshakes")
         backend.gate.set()
         for ws in (first, second):
+            assert (await ws.next())["type"] == "websocket.accept"
             close = await ws.next()
             assert (close["type"], close["code"]) == ("websocket.close", 1011)
+        # Nothing of the refused handshakes is left: no connection, no count, no subscription.
+        assert pomo.broadcaster.user_connection_count("u1") == 0
+        assert await pomo.broadcaster.cluster_user_connection_count("u1") == 0
         backend.fail = False
         third = Socket(manager.app, "/ws", {"token": make_token()})
         assert (await third.next_json() or {})["type"] == "CONNECTION_ESTABLISHED"
@@ -94,13 +101,17 @@ async def test_events_while_subscribing_are_bounded_by_the_queue() -> None:
     pomo = pomo_on(backend, send_queue_size=3)
     async with LifespanManager(make_app(pomo)) as manager:
         ws = Socket(manager.app, "/ws", {"token": make_token()})
-        await ws.next()
+        await wait_until(lambda: pomo.broadcaster.user_connection_count("u1") == 1, what="the handshake")
         for n in range(4):
             await pomo.broadcaster.broadcast_to_user("u1", "FLOOD", {"n": n})
+        assert pomo.broadcaster.user_connection_count("u1") == 0  # let go at once
+        backend.gate.set()
+        assert (await ws.next())["type"] == "websocket.accept"
         close = await ws.next()
         assert (close["code"], close["reason"]) == (1013, "Client too slow")
-        backend.gate.set()
         await ws.finished()
+        await settled(pomo.broadcaster._tasks)
+        assert await pomo.broadcaster.cluster_user_connection_count("u1") == 0
 
 
 async def test_a_send_stuck_past_send_timeout_closes_with_1013_and_frees_the_handler() -> None:

@@ -149,6 +149,15 @@ class Backend(abc.ABC):
     async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
         """Record a connection in the cluster-wide view; return the user's connections across the cluster."""
 
+    async def add_presence_with_position(self, node_id: str, user_id: str, connection_id: str) -> tuple[int, Position]:
+        """`add_presence`, then `position()`, read after it: what a handshake needs.
+
+        The node calls it once the user's subscription is in place, so every event after that position
+        reaches it. A shared backend should answer both in one round trip; this default makes two.
+        """
+        count = await self.add_presence(node_id, user_id, connection_id)
+        return count, await self.position()
+
     @abc.abstractmethod
     async def remove_presence(self, node_id: str, user_id: str, connection_id: str) -> None:
         """Forget a connection in the cluster-wide view."""

@@ -4,6 +4,7 @@ with no timer, in order per stream, and every call still bounded by its timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -12,9 +13,12 @@ from typing import Any
 
 import anyio
 import pytest
+from websockets.asyncio.client import connect
 
+from starlette_pomo_ws import PomoWS
 from starlette_pomo_ws.exceptions import BackendUnavailable
 
+from ..conftest import closed_with, make_app, make_settings, make_token, recv, run_server, settled
 from .conftest import Recorder, RedisServer
 
 redis = pytest.importorskip("redis")
@@ -179,3 +183,86 @@ async def test_each_of_a_batchs_publishers_gets_the_id_its_subscribers_receive(p
             received[message["data"]["n"]] = message["id"]
         assert received == {n: event.id for n, event in enumerate(events)}
         assert len(set(received.values())) == 20
+
+
+def seq_of(event_id: str) -> int:
+    """The seq a cursor stands for (`epoch.seq-in-hex.signature`)."""
+    return int(event_id.split(".")[1], 16)
+
+
+async def test_a_fresh_handshake_takes_one_subscribe_and_one_script_call_and_a_refused_one_none(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """The connection count and the starting position come from one script call, after the subscription."""
+    server = redis_server_factory()
+    server.start()
+    # No heartbeat or refresh runs during the test: every command counted is the handshake's.
+    backend = RedisBackend(server.url, heartbeat_interval=60, presence_ttl=600)
+    pomo = PomoWS(make_settings(cursor_secret="c" * 32, max_connections_per_user=1), backend=backend)
+    async with run_server(make_app(pomo)) as app:
+        async with connect(app.url(f"/ws?token={make_token('warm-up')}")) as ws:
+            assert (await recv(ws))["type"] == "CONNECTION_ESTABLISHED"
+        await settled(pomo.broadcaster._tasks)
+        scripts, subscribes = await calls(server.url, "evalsha"), await calls(server.url, "subscribe")
+        async with connect(app.url(f"/ws?token={make_token('u1')}")) as ws:
+            established = await recv(ws)
+            assert established["type"] == "CONNECTION_ESTABLISHED"
+            assert await calls(server.url, "evalsha") - scripts == 1
+            assert await calls(server.url, "subscribe") - subscribes == 1
+            # The position it read is where the user's events continue.
+            event = await pomo.broadcaster.broadcast_to_user("u1", "TASK_CREATED", {"n": 1})
+            assert seq_of(event.id) == seq_of(established["id"]) + 1
+            assert (await recv(ws))["id"] == event.id
+            assert await pomo.broadcaster.cluster_user_connection_count("u1") == 1
+            # A second tab over the limit, which this node's own connection fills, costs Redis nothing.
+            scripts = await calls(server.url, "evalsha", "subscribe")
+            async with connect(app.url(f"/ws?token={make_token('u1')}")) as refused:
+                assert await closed_with(refused) == (1008, "Too many connections for this user")
+            assert await calls(server.url, "evalsha", "subscribe") == scripts
+
+
+async def test_handshakes_amid_publishes_get_every_event_after_their_position(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """Events published while connections open are each delivered exactly when they follow its position."""
+    server = redis_server_factory()
+    server.start()
+    pomo = PomoWS(make_settings(cursor_secret="c" * 32), backend=RedisBackend(server.url))
+    users = [f"u{n}" for n in range(30)]
+    published: dict[str, list[int]] = {user: [] for user in users}
+    opening = True
+
+    async def publish(first: int) -> None:
+        n = first
+        while opening and n < 5_000:  # bounded, and it stops once every socket is open
+            user = users[n % len(users)]
+            published[user].append(seq_of((await pomo.broadcaster.broadcast_to_user(user, "E", {"n": n})).id))
+            n += 4
+
+    async def open_and_read(user: str, stack: contextlib.AsyncExitStack) -> tuple[Any, int]:
+        ws = await stack.enter_async_context(connect(app.url(f"/ws?token={make_token(user)}")))
+        established = await recv(ws)
+        assert established["type"] == "CONNECTION_ESTABLISHED"
+        return ws, seq_of(established["id"])
+
+    async with run_server(make_app(pomo)) as app, contextlib.AsyncExitStack() as stack:
+        publishers = [asyncio.ensure_future(publish(first)) for first in range(4)]
+        try:
+            opened = []
+            for group in range(0, len(users), 3):  # a few at a time, so that publishes fall between them
+                opened += await asyncio.gather(*(open_and_read(user, stack) for user in users[group : group + 3]))
+        finally:
+            opening = False
+            await asyncio.gather(*publishers)
+        straddled = 0
+        for user, (ws, start) in zip(users, opened, strict=True):
+            last = await pomo.broadcaster.broadcast_to_user(user, "END")
+            received = []
+            while (event := await recv(ws))["type"] != "END":
+                received.append(seq_of(event["id"]))
+            assert event["id"] == last.id
+            assert received == sorted(seq for seq in published[user] if seq > start), user
+            seqs = published[user]
+            straddled += bool(seqs) and min(seqs) <= start < max(seqs)
+        # The race was run: for most users, events were published both before and after the handshake.
+        assert straddled >= len(users) // 2, (straddled, {user: len(seqs) for user, seqs in published.items()})

@@ -32,7 +32,7 @@ from ._connection import Direct, raise_first_error
 from ._members import Change, Members
 from ._presence import Presence
 from ._pubsub import PubSub
-from ._scripts import Script
+from ._scripts import Script, text
 from ._sentinel import SCHEMES, describe, sentinel_client
 
 __all__ = ["RedisBackend"]
@@ -51,10 +51,6 @@ _BROADCAST, _USER, _CHANNEL, _RETAIN = "0", "1", "2", "3"
 # One event to publish: its stream's kind, its stream's name (a user id or a channel; "" for the
 # broadcast stream), and its head.
 _Publish = tuple[str, str, str]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisBackend(Backend):
@@ -201,6 +197,8 @@ class RedisBackend(Backend):
             client,
             key_prefix=key_prefix,
             ttl=presence_ttl,
+            meta_key=self._meta_key,
+            candidate=self._candidate,
             command=lambda operation, what, timeout: self._command(operation, what, timeout=timeout),
             answer=self._answer,
             bounded=self._bounded,
@@ -217,6 +215,10 @@ class RedisBackend(Backend):
             line=Direct(client, name=f"{self._client_name}-members", connect_timeout=socket_timeout),
             changed=self._members_changed,
         )
+
+    def _candidate(self) -> str:
+        """The epoch a script starts if it finds none (see `epoch.lua`)."""
+        return self._epoch_mark + secrets.token_hex(6)
 
     def __repr__(self) -> str:
         return (
@@ -298,7 +300,7 @@ class RedisBackend(Backend):
         `redis_min_replicas`, `WAIT` goes in the same write: it counts the replicas that have this
         connection's writes."""
         args: list[str | int] = [
-            self._epoch_mark + secrets.token_hex(6),
+            self._candidate(),
             self.key_prefix,
             self.history_size,
             int(self.history_ttl * 1000),
@@ -318,7 +320,7 @@ class RedisBackend(Backend):
                     f"only {int(replies[1])} of {self._min_replicas} replicas (redis_min_replicas) confirmed the "
                     f"event within {wait_ms} ms; it is stored on the primary and may still be delivered"
                 )
-            epoch, first, published_at = _text(reply[0]), int(reply[1]), int(reply[2]) / 1000
+            epoch, first, published_at = text(reply[0]), int(reply[1]), int(reply[2]) / 1000
             return [
                 Record(epoch, first + i, name if kind == _USER else None, head, published_at, _channel(kind, name))
                 for i, (kind, name, head) in enumerate(events)
@@ -377,12 +379,12 @@ class RedisBackend(Backend):
     def _position_batch(self, callers: list[None], timeout: float, settle: Settle[Position]) -> None:
         def positions(replies: list[Any]) -> list[Position]:
             reply = replies[0]
-            return [Position(_text(reply[0]), int(reply[1]))] * len(callers)
+            return [Position(text(reply[0]), int(reply[1]))] * len(callers)
 
         self._position_line.submit_script(
             self._position_script,
             [self._meta_key],
-            [self._epoch_mark + secrets.token_hex(6)],
+            [self._candidate()],
             timeout=timeout,
             done=self._answer("read the position", positions, settle),
             retry=True,
@@ -390,7 +392,7 @@ class RedisBackend(Backend):
 
     async def _barrier(self, channel: str, token: str) -> None:
         """Publish `token|epoch|seq` on `channel` behind every event published so far (the pub/sub heartbeat)."""
-        arguments = [self._epoch_mark + secrets.token_hex(6), channel, token]
+        arguments = [self._candidate(), channel, token]
         await self._command(lambda: self._position_script([self._meta_key], arguments), "read the position")
 
     async def history(self, user_id: str | None, since: Position, channels: Sequence[str] = ()) -> History:
@@ -404,7 +406,7 @@ class RedisBackend(Backend):
         self, since: Position, users: Sequence[str], channels: Sequence[str], *, broadcast: bool, until: int
     ) -> tuple[bool, list[Record], Position]:
         args: list[str | int | float] = [
-            self._epoch_mark + secrets.token_hex(6),
+            self._candidate(),
             self.key_prefix,
             since.epoch,
             since.seq,
@@ -418,7 +420,7 @@ class RedisBackend(Backend):
             *channels,
         ]
         reply = await self._command(lambda: self._history_script(keys=[self._meta_key], args=args), "read the history")
-        position = Position(_text(reply[0]), int(reply[1]))
+        position = Position(text(reply[0]), int(reply[1]))
         if not int(reply[2]):
             return False, [], position
         streams: list[tuple[str | None, str | None]] = [(None, None)] if broadcast else []
@@ -431,7 +433,7 @@ class RedisBackend(Backend):
             if flat:
                 runs += 1
                 records.extend(
-                    Record(epoch, int(flat[i]), user, _text(flat[i + 1]), int(flat[i + 2]) / 1000, channel)
+                    Record(epoch, int(flat[i]), user, text(flat[i + 1]), int(flat[i + 2]) / 1000, channel)
                     for i in range(0, len(flat), 3)
                 )
         if runs > 1:
@@ -490,7 +492,7 @@ class RedisBackend(Backend):
 
         def records(replies: list[Any]) -> list[Record | None]:
             return [
-                None if head is None else Record(_text(epoch), int(seq), None, _text(head), int(stamp) / 1000, channel)
+                None if head is None else Record(text(epoch), int(seq), None, text(head), int(stamp) / 1000, channel)
                 for channel, (epoch, seq, stamp, head) in zip(channels, replies, strict=True)
             ]
 
@@ -503,6 +505,15 @@ class RedisBackend(Backend):
 
     async def add_presence(self, node_id: str, user_id: str, connection_id: str) -> int:
         """Count a connection cluster-wide and return its user's count.
+
+        Raises:
+            BackendUnavailable: Redis cannot be reached; the connection is then not counted.
+        """
+        count, _ = await self._presence.add(node_id, user_id, connection_id)
+        return count
+
+    async def add_presence_with_position(self, node_id: str, user_id: str, connection_id: str) -> tuple[int, Position]:
+        """`add_presence`, and the position read by the same script call.
 
         Raises:
             BackendUnavailable: Redis cannot be reached; the connection is then not counted.

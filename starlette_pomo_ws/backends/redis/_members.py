@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from ...exceptions import BackendUnavailable
 from ._batch import Answer, Coalescer, Settle
 from ._connection import Direct
-from ._scripts import Script
+from ._scripts import Script, text
 
 __all__ = ["Members"]
 
@@ -168,7 +168,7 @@ class Members:
     async def members(self, channel: str) -> dict[str, int]:
         key = f"{self._key_prefix}cm:{channel}"
         flat = await self._command(lambda: self._client.hgetall(key), "read the channel members", self._timeout)
-        return {_text(user): int(count) for user, count in flat.items() if int(count) > 0}
+        return {text(user): int(count) for user, count in flat.items() if int(count) > 0}
 
     async def subscriber_count(self, channel: str) -> int:
         key = f"{self._key_prefix}cs"
@@ -224,8 +224,8 @@ class Members:
         joined: list[Change] = []
         left: list[Change] = []
         for i in range(0, len(changes), 4):
-            change = (_text(changes[i]), _text(changes[i + 1]), int(changes[i + 3]))
-            (joined if _text(changes[i + 2]) == "1" else left).append(change)
+            change = (text(changes[i]), text(changes[i + 1]), int(changes[i + 3]))
+            (joined if text(changes[i + 2]) == "1" else left).append(change)
         if joined or left:
             await self._changed(joined, left)
 
@@ -236,7 +236,7 @@ class Members:
             flat = await self._command(
                 lambda: self._reap(keys=[self._nodes_key], args=args), "forget dead nodes' members", self._timeout
             )
-            left = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+            left = [(text(flat[i]), text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
             if left:
                 await self._changed([], left)
             if nodes or not flat:
@@ -251,7 +251,3 @@ class Members:
         if nodes:
             with contextlib.suppress(Exception):
                 await self.reap(nodes)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,5 +1,9 @@
 """Cluster-wide connection counts: each node writes its own hash of per-user counts, refreshed on a timer,
-so that a crashed node's connections leave the counts after `presence_ttl`."""
+so that a crashed node's connections leave the counts after `presence_ttl`.
+
+The script that writes them also reads the position of the total order: a handshake gets its count and
+its starting position from one round trip.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..._events import Position
 from ...exceptions import BackendUnavailable
 from ._batch import Answer, Coalescer, Settle
 from ._connection import Direct
-from ._scripts import Script
+from ._scripts import Script, text
 
 __all__ = ["Presence"]
 
@@ -35,6 +40,8 @@ class Presence:
         *,
         key_prefix: str,
         ttl: float,
+        meta_key: str,
+        candidate: Callable[[], str],
         command: Command,
         answer: Answer,
         bounded: Callable[[Awaitable[Any]], Awaitable[Any]],
@@ -45,6 +52,8 @@ class Presence:
         self._line = line  # the batches' own connection
         self._key_prefix = key_prefix
         self._ttl = ttl
+        self._meta_key = meta_key
+        self._candidate = candidate  # the epoch the script starts if it finds none
         self._command = command
         self._answer = answer
         self._bounded = bounded
@@ -58,16 +67,18 @@ class Presence:
         self.running = False
         self._dirty: set[str] = set()
         self._timeout = timeout
-        # (node id, user id, +1 for a new connection or -1 for a closed one) -> the user's cluster count, or 0
-        self._batches: Coalescer[tuple[str, str, int], int] = Coalescer(
+        # (node id, user id, +1 for a new connection or -1 for a closed one) -> the user's cluster count (or 0),
+        # and the position after the batch
+        self._batches: Coalescer[tuple[str, str, int], tuple[int, Position]] = Coalescer(
             self._send, what="update the connection counts", timeout=timeout, limit=1000
         )
 
-    async def add(self, node_id: str, user_id: str, connection_id: str) -> int:
+    async def add(self, node_id: str, user_id: str, connection_id: str) -> tuple[int, Position]:
+        """Count a connection; return its user's count across the cluster, and the position after it."""
         users = self.local.setdefault(node_id, {})
         connections = users.setdefault(user_id, set())
         if connection_id in connections:
-            return await self.user_count(user_id)
+            return await self._count(f"u:{user_id}")
         connections.add(connection_id)
         self._totals[node_id] = self._totals.get(node_id, 0) + 1
         try:
@@ -93,15 +104,15 @@ class Presence:
             del users[user_id]
         return True
 
-    async def _write(self, node_id: str, user_id: str) -> int:
-        count: int = await self._batches((node_id, user_id, 1))
-        return count
+    async def _write(self, node_id: str, user_id: str) -> tuple[int, Position]:
+        return await self._batches((node_id, user_id, 1))
 
     async def _write_quietly(self, node_id: str, user_id: str) -> None:
         await self._batches((node_id, user_id, -1))
 
-    def _send(self, updates: list[tuple[str, str, int]], timeout: float, settle: Settle[int]) -> None:
-        """One script call writes every node and user in the batch, as absolute values, and counts.
+    def _send(self, updates: list[tuple[str, str, int]], timeout: float, settle: Settle[tuple[int, Position]]) -> None:
+        """One script call writes every node and user in the batch, as absolute values, counts, and reads
+        the position.
 
         A refresh pauses the batches, so the two never interleave; a failed write is repaired by a later
         one or by the refresh.
@@ -109,7 +120,7 @@ class Presence:
         written: dict[str, set[str]] = {}
         for node_id, user_id, _ in updates:
             written.setdefault(node_id, set()).add(user_id)
-        args: list[str | int] = [self._key_prefix, int(self._ttl * 1000), len(written)]
+        args: list[str | int] = [self._candidate(), self._key_prefix, int(self._ttl * 1000), len(written)]
         for node_id, user_ids in written.items():
             users = self.local.get(node_id, {})
             args += (node_id, self._totals.get(node_id, 0), len(user_ids))
@@ -118,39 +129,44 @@ class Presence:
         asked = sorted({user_id for _, user_id, change in updates if change > 0})
         args += [f"u:{user_id}" for user_id in asked]
 
-        def answers(replies: list[Any]) -> list[int]:
+        def answers(replies: list[Any]) -> list[tuple[int, Position]]:
             # The script counted every change of the batch; each addition gets the count as of its own
             # turn, as if the batch had gone one by one: the changes after it are taken back out.
-            totals = {user_id: int(count) for user_id, count in zip(asked, replies[0], strict=True)}
-            out = [0] * len(updates)
+            counts, epoch, seq = replies[0]
+            position = Position(text(epoch), int(seq))
+            totals = {user_id: int(count) for user_id, count in zip(asked, counts, strict=True)}
+            out = [(0, position)] * len(updates)
             for index in range(len(updates) - 1, -1, -1):
                 _, user_id, change = updates[index]
                 if user_id in totals:
                     if change > 0:
-                        out[index] = totals[user_id]
+                        out[index] = (totals[user_id], position)
                     totals[user_id] -= change
             return out
 
-        def settled(outcome: Sequence[int] | BaseException) -> None:
+        def settled(outcome: Sequence[tuple[int, Position]] | BaseException) -> None:
             if isinstance(outcome, BaseException):
                 self._dirty.update(written)
             settle(outcome)
 
         done = self._answer("update the connection counts", answers, settled)
-        self._line.submit_script(self._script, [self._nodes_key], args, timeout=timeout, done=done, retry=True)
+        keys = [self._meta_key, self._nodes_key]
+        self._line.submit_script(self._script, keys, args, timeout=timeout, done=done, retry=True)
 
     async def user_count(self, user_id: str) -> int:
-        return await self._count(f"u:{user_id}")
+        count, _ = await self._count(f"u:{user_id}")
+        return count
 
     async def total_count(self) -> int:
-        return await self._count("t")
+        count, _ = await self._count("t")
+        return count
 
-    async def _count(self, field: str) -> int:
-        args = (self._key_prefix, int(self._ttl * 1000), 0, field)
-        counts = await self._command(
-            lambda: self._script(keys=[self._nodes_key], args=args), "count connections", self._timeout
-        )
-        return int(counts[0])
+    async def _count(self, field: str) -> tuple[int, Position]:
+        args = (self._candidate(), self._key_prefix, int(self._ttl * 1000), 0, field)
+        keys = [self._meta_key, self._nodes_key]
+        reply = await self._command(lambda: self._script(keys=keys, args=args), "count connections", self._timeout)
+        counts, epoch, seq = reply
+        return int(counts[0]), Position(text(epoch), int(seq))
 
     def _node_key(self, node_id: str) -> str:
         return f"{self._key_prefix}node:{node_id}"

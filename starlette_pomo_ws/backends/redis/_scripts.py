@@ -10,10 +10,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-__all__ = ["Script", "load"]
+__all__ = ["Script", "load", "text"]
 
 # Scripts that begin with the metadata check: KEYS[1] is the metadata hash and ARGV[1] a candidate epoch.
-_WITH_EPOCH = frozenset({"publish", "position", "history"})
+_WITH_EPOCH = frozenset({"publish", "position", "history", "presence"})
 
 
 def load(name: str) -> str:
@@ -44,3 +44,8 @@ class Script:
         except NoScriptError:
             await self._client.script_load(self.source)
             return await self._client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+
+def text(value: Any) -> str:
+    """A string from a script's reply (redis-py gives bytes, or str with `decode_responses`)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
