@@ -456,22 +456,19 @@ class Broadcaster:
                 return
         resync_reason: str | None = None
         replay: list[Record] = []
-        if last_event_id:
-            assert self._signer is not None
-            cursor = self._signer.verify(last_event_id, user_id)
-            if cursor is None:
-                resync_reason = "unknown_cursor"
-                position = admitted_at if admitted_at is not None else await self.backend.position()
+        cursor = self.verify(last_event_id, user_id) if last_event_id else None
+        if cursor is not None:
+            history = await self.backend.history(user_id, cursor, joined)
+            position = history.position
+            if history.complete:
+                replay = list(history.records)
+                position = cursor
+                self.stats.replayed += len(replay)
             else:
-                history = await self.backend.history(user_id, cursor, joined)
-                position = history.position
-                if history.complete:
-                    replay = list(history.records)
-                    position = cursor
-                    self.stats.replayed += len(replay)
-                else:
-                    resync_reason = "history_unavailable" if cursor.epoch == position.epoch else "new_epoch"
+                resync_reason = "history_unavailable" if cursor.epoch == position.epoch else "new_epoch"
         else:
+            if last_event_id:
+                resync_reason = "unknown_cursor"
             position = admitted_at if admitted_at is not None else await self.backend.position()
         if last_event_id:
             self.stats.resumes["ok" if resync_reason is None else "resync"] += 1
